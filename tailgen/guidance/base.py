@@ -1,0 +1,364 @@
+"""The guidance contract: one step's context, the shared classifier evaluation, the ``Guidance`` base
+class and the ``GuidanceStack`` that composes guidances around a sampler step.
+
+Hook points follow methods.md §0:
+
+====  ==============================  ======================================================
+H1    eps / score modification        ``guide_eps`` (CFG) and score-form gradients (ADM Alg. 2)
+H2    mean shift                      mean-form gradients: mu' = mu + Sigma * g (ADM Alg. 1)
+H3    x_t update before the network   ``before_model`` and pre-form gradients: x' = x + beta_i * g
+H4    x0_hat modification             ``guide_x0``
+H5    post-step update on x_{t-1}     ``after_step``
+H6    gating / scheduling             ``t_min``/``t_max``/``every``/``schedule``/``sample_scale``
+====  ==============================  ======================================================
+
+A step runs (``GuidanceStack.predict`` then the sampler's own update)::
+
+    x  <- before_model hooks, then pre-form gradients          (in order)
+    eps, log_var <- denoiser(x, i, labels)                      (one network call)
+    eps <- guide_eps hooks                                      (in order)
+    x0  <- x0_from_eps(x, eps), clipped to [-1, 1] if asked
+    g_score = sum of score-form gradients; if any:              (ADM condition_score)
+        eps <- eps_from_x0(x, x0) - sqrt(1 - abar_i) g_score ;  x0 <- x0_from_eps(x, eps)  (not re-clipped)
+    x0  <- guide_x0 hooks                                       (in order)
+    eps <- eps_from_x0(x, x0)
+    sampler update, adding Sigma * (sum of mean-form gradients) to the DDPM mean   (ADM condition_mean)
+    x_prev <- after_step hooks                                  (in order)
+
+Every gradient guidance evaluated on x_t uses the one ``ClassifierEval`` of the step: one classifier
+forward, one backward per distinct objective, shared by all guidances.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from tailgen.utils import ConfigError
+
+Schedule = Literal["constant", "high_noise", "low_noise", "middle"]
+Form = Literal["auto", "mean", "score", "pre"]
+
+ANCESTRAL_SAMPLERS = ("ddpm",)
+
+
+# ------------------------------------------------------------------------------------------------
+# Step context and the shared classifier evaluation
+
+
+@dataclass
+class GuidedPrediction:
+    """Result of the guided prediction at one step: the x the network saw, x0_hat, eps and log Sigma."""
+
+    x: Tensor
+    x0: Tensor
+    eps: Tensor
+    log_var: Optional[Tensor]
+
+
+class ClassifierEval:
+    """One forward of the noisy classifier p_phi(y | x_t, t) on x_t, kept differentiable.
+
+    ``grad(name, objective)`` returns d/dx sum_b objective(self)[b] (one backward per distinct
+    objective, cached by name). Because samples are independent, each sample's gradient does not
+    depend on the batch. ``grad_log_p_y`` is ADM's ``cond_fn`` without the scale.
+    """
+
+    def __init__(self, classifier: Callable[[Tensor, int], Tensor], x: Tensor, i: int, labels: Tensor):
+        if labels is None:
+            raise ConfigError("classifier guidance needs class labels: sample with labels (data.labels)")
+        with torch.enable_grad():
+            self.x = x.detach().float().requires_grad_(True)
+            self.logits = classifier(self.x, i).float()
+            self.log_probs = torch.log_softmax(self.logits, dim=-1)
+        self.labels = labels
+        self._grads: dict[str, Tensor] = {}
+
+    @property
+    def log_p_y(self) -> Tensor:
+        """log p(y | x_t) per sample (differentiable)."""
+        return self.log_probs[torch.arange(len(self.labels), device=self.labels.device), self.labels]
+
+    @property
+    def probs(self) -> Tensor:
+        return self.log_probs.detach().exp()
+
+    @property
+    def p_y(self) -> Tensor:
+        return self.log_p_y.detach().exp()
+
+    def grad(self, name: str, objective: Callable[["ClassifierEval"], Tensor]) -> Tensor:
+        """Gradient w.r.t. x_t of ``objective(self).sum()``, cached under ``name``."""
+        if name not in self._grads:
+            with torch.enable_grad():
+                value = objective(self).sum()
+                (g,) = torch.autograd.grad(value, self.x, retain_graph=True)
+            self._grads[name] = g
+        return self._grads[name]
+
+    @property
+    def grad_log_p_y(self) -> Tensor:
+        """grad_x log p(y | x_t) (ADM cond_fn with scale 1)."""
+        return self.grad("log_p_y", lambda e: e.log_p_y)
+
+
+@dataclass
+class StepContext:
+    """Everything a guidance may read at one sampler step. Guidances never mutate it directly."""
+
+    step: int  # 0 = noisiest step
+    num_steps: int
+    i: int  # respaced index of x_t (num_steps-1 .. 0); x_prev has index i - 1 (-1: clean)
+    process: Any  # tailgen.diffusion.DiffusionProcess
+    x: Tensor  # x_t (after any before_model update)
+    labels: Optional[Tensor]
+    sampler: str
+    denoiser: Callable[..., Any]  # (x, i, labels) -> diffusion.adapters.Prediction
+    uncond: Optional[Callable[..., Any]] = None  # (x, i) -> Prediction of the unconditional model
+    classifier_net: Optional[Callable[[Tensor, int], Tensor]] = None  # (x, i) -> logits
+    noise: Any = None  # diffusion.noise.NoiseSource
+    pred: Optional[GuidedPrediction] = None
+    _classifier: Optional[ClassifierEval] = field(default=None, repr=False)
+
+    @property
+    def t(self) -> int:
+        """Original timestep index of x_t (what the networks see)."""
+        return int(self.process.timestep_map[self.i])
+
+    @property
+    def tau(self) -> float:
+        """Diffusion time t / T in [0, 1)."""
+        return self.t / self.process.num_timesteps
+
+    def set_x(self, x: Tensor) -> None:
+        """Replace x_t (H3); the classifier evaluation is recomputed at the new point when asked."""
+        self.x = x
+        self._classifier = None
+
+    def classifier(self) -> ClassifierEval:
+        """The step's shared classifier evaluation at x_t (computed once, on first use)."""
+        if self.classifier_net is None:
+            raise ConfigError(
+                "a classifier-based guidance is configured but no classifier is loaded: "
+                "set model.classifier (a preset and checkpoint) or remove that guidance"
+            )
+        if self._classifier is None:
+            self._classifier = ClassifierEval(self.classifier_net, self.x, self.i, self.labels)
+        return self._classifier
+
+
+# ------------------------------------------------------------------------------------------------
+# Guidance base classes
+
+
+def schedule_weight(schedule: str, tau: float) -> float:
+    """Weight of a guidance as a function of diffusion time tau = t/T (1 = pure noise)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "high_noise":
+        return tau
+    if schedule == "low_noise":
+        return 1.0 - tau
+    if schedule == "middle":
+        return math.sin(math.pi * tau)
+    raise ConfigError(f"unknown guidance schedule {schedule!r}: use constant, high_noise, low_noise or middle")
+
+
+class Guidance:
+    """Base of every guidance: a scale, an active window and a scale schedule (hook H6).
+
+    Args:
+        scale: overall strength w (0 turns the guidance off).
+        t_min, t_max: active while t_min <= t/T <= t_max (t the original timestep, T the process length).
+        every: active on every k-th sampler step only (step 0, k, 2k, ...).
+        schedule: weight as a function of tau = t/T: constant, high_noise (tau), low_noise (1 - tau),
+            middle (sin(pi tau)).
+
+    Subclasses override any of the hooks; each hook receives the weight ``w`` (a float, or a
+    [B, 1, ..., 1] tensor when ``sample_scale`` gives per-sample weights) and must return its input
+    unchanged when it has nothing to do.
+    """
+
+    uses_classifier: ClassVar[bool] = False
+    uses_uncond: ClassVar[bool] = False
+
+    def __init__(self, scale: float = 1.0, t_min: float = 0.0, t_max: float = 1.0, every: int = 1,
+                 schedule: Schedule = "constant"):
+        if not 0.0 <= t_min <= t_max <= 1.0:
+            raise ConfigError(f"{type(self).__name__}: need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+        if every < 1:
+            raise ConfigError(f"{type(self).__name__}: every must be >= 1, got {every}")
+        schedule_weight(schedule, 0.5)  # validates the name
+        self.scale, self.t_min, self.t_max, self.every, self.schedule = float(scale), t_min, t_max, every, schedule
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+    # -- gating and weights (H6)
+    def active(self, ctx: StepContext) -> bool:
+        return self.scale != 0.0 and self.t_min <= ctx.tau <= self.t_max and ctx.step % self.every == 0
+
+    def sample_scale(self, ctx: StepContext) -> Optional[Tensor]:
+        """Optional per-sample multiplier [B] (e.g. from classifier entropy); None = 1."""
+        return None
+
+    def weight(self, ctx: StepContext) -> float | Tensor:
+        w = self.scale * schedule_weight(self.schedule, ctx.tau)
+        per_sample = self.sample_scale(ctx)
+        if per_sample is None:
+            return w
+        return w * per_sample.reshape(-1, *([1] * (ctx.x.dim() - 1))).to(ctx.x)
+
+    def validate(self, *, sampler: str, has_classifier: bool, has_uncond: bool) -> None:
+        """Raise ConfigError if this guidance cannot run with the given sampler / networks."""
+        name = type(self).__name__
+        if self.uses_classifier and not has_classifier:
+            raise ConfigError(f"{name} needs a noisy classifier: set model.classifier (preset + checkpoint)")
+
+    # -- hooks (identity by default)
+    def before_model(self, ctx: StepContext, x: Tensor, w: float | Tensor) -> Tensor:  # H3
+        return x
+
+    def guide_eps(self, ctx: StepContext, eps: Tensor, w: float | Tensor) -> Tensor:  # H1
+        return eps
+
+    def guide_x0(self, ctx: StepContext, x0: Tensor, w: float | Tensor) -> Tensor:  # H4
+        return x0
+
+    def after_step(self, ctx: StepContext, x_prev: Tensor, w: float | Tensor) -> Tensor:  # H5
+        return x_prev
+
+
+class GradientGuidance(Guidance):
+    """A guidance given by a direction g(x_t) (usually a classifier gradient), applied as
+
+    * ``mean``:  mu' = mu + Sigma * w g           (ADM Alg. 1, DDPM only)
+    * ``score``: eps' = eps - sqrt(1 - abar) w g   (ADM Alg. 2; x0 moves by (1-abar)/sqrt(abar) w g)
+    * ``pre``:   x_t' = x_t + beta_i * w g before the network call (methods.md §4.1, H3)
+    * ``auto``:  mean on ancestral samplers, score otherwise.
+
+    ``max_norm`` caps the per-sample RMS of w g (L2 norm / sqrt(dim)), which keeps repulsive terms
+    from exploding where they do not vanish (toy-study.md §4).
+    """
+
+    def __init__(self, scale: float = 1.0, form: Form = "auto", max_norm: Optional[float] = None,
+                 t_min: float = 0.0, t_max: float = 1.0, every: int = 1, schedule: Schedule = "constant"):
+        super().__init__(scale=scale, t_min=t_min, t_max=t_max, every=every, schedule=schedule)
+        if form not in ("auto", "mean", "score", "pre"):
+            raise ConfigError(f"{type(self).__name__}: form must be auto, mean, score or pre, got {form!r}")
+        if max_norm is not None and max_norm <= 0:
+            raise ConfigError(f"{type(self).__name__}: max_norm must be positive or null, got {max_norm}")
+        self.form, self.max_norm = form, max_norm
+
+    def direction(self, ctx: StepContext) -> Tensor:
+        """The unweighted direction g at ctx.x (same shape as x)."""
+        raise NotImplementedError
+
+    def resolved_form(self, sampler: str) -> str:
+        if self.form == "auto":
+            return "mean" if sampler in ANCESTRAL_SAMPLERS else "score"
+        return self.form
+
+    def validate(self, *, sampler: str, has_classifier: bool, has_uncond: bool) -> None:
+        super().validate(sampler=sampler, has_classifier=has_classifier, has_uncond=has_uncond)
+        if self.resolved_form(sampler) == "mean" and sampler not in ANCESTRAL_SAMPLERS:
+            raise ConfigError(
+                f"{type(self).__name__}: form='mean' needs an ancestral sampler ({', '.join(ANCESTRAL_SAMPLERS)}); "
+                f"the {sampler!r} sampler has no Sigma: use form='score' or 'auto'"
+            )
+
+    def guided_gradient(self, ctx: StepContext) -> Tensor:
+        """w * g, capped per sample at ``max_norm`` (RMS)."""
+        g = self.weight(ctx) * self.direction(ctx)
+        if self.max_norm is not None:
+            rms = g.flatten(1).norm(dim=1) / math.sqrt(g[0].numel())
+            factor = (self.max_norm / rms.clamp_min(1e-12)).clamp(max=1.0)
+            g = g * factor.reshape(-1, *([1] * (g.dim() - 1)))
+        return g
+
+
+# ------------------------------------------------------------------------------------------------
+# Composition
+
+
+def _overrides(guidance: Guidance, hook: str) -> bool:
+    return getattr(type(guidance), hook) is not getattr(Guidance, hook)
+
+
+class GuidanceStack:
+    """Composes guidances in the given order around one sampler step (see the module docstring)."""
+
+    def __init__(self, guidances: Sequence[Guidance] = ()):
+        self.guidances = list(guidances)
+
+    def __len__(self) -> int:
+        return len(self.guidances)
+
+    def __iter__(self):
+        return iter(self.guidances)
+
+    @property
+    def uses_classifier(self) -> bool:
+        return any(g.uses_classifier for g in self.guidances)
+
+    def validate(self, *, sampler: str, has_classifier: bool, has_uncond: bool) -> None:
+        for g in self.guidances:
+            g.validate(sampler=sampler, has_classifier=has_classifier, has_uncond=has_uncond)
+
+    def _active(self, ctx: StepContext, hook: str):
+        for g in self.guidances:
+            if _overrides(g, hook) and g.active(ctx):
+                yield g, g.weight(ctx)
+
+    def _gradients(self, ctx: StepContext, form: str) -> Optional[Tensor]:
+        total = None
+        for g in self.guidances:
+            if isinstance(g, GradientGuidance) and g.resolved_form(ctx.sampler) == form and g.active(ctx):
+                grad = g.guided_gradient(ctx)
+                total = grad if total is None else total + grad
+        return total
+
+    def predict(self, ctx: StepContext, clip_denoised: bool = True) -> GuidedPrediction:
+        """The one guided prediction routine shared by every sampler (H3, network, H1, clip, H4)."""
+        process, i = ctx.process, ctx.i
+        # H3: move x_t before the network call
+        for g, w in self._active(ctx, "before_model"):
+            ctx.set_x(g.before_model(ctx, ctx.x, w))
+        g_pre = self._gradients(ctx, "pre")
+        if g_pre is not None:
+            ctx.set_x(ctx.x + float(process.betas[i]) * g_pre)
+        # One network call
+        out = ctx.denoiser(ctx.x, i, ctx.labels)
+        eps = out.eps
+        # H1: model-level eps guidance (e.g. classifier-free)
+        for g, w in self._active(ctx, "guide_eps"):
+            eps = g.guide_eps(ctx, eps, w)
+        x0 = process.x0_from_eps(ctx.x, i, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        # H1: score-form gradients, eps re-derived from the clipped x0 (ADM condition_score)
+        g_score = self._gradients(ctx, "score")
+        if g_score is not None:
+            abar = torch.tensor(float(process.alphas_cumprod[i]), dtype=torch.float32, device=x0.device)
+            eps = process.eps_from_x0(ctx.x, i, x0) - (1 - abar).sqrt() * g_score.to(x0.dtype)
+            x0 = process.x0_from_eps(ctx.x, i, eps)
+        # H4: x0_hat guidance
+        for g, w in self._active(ctx, "guide_x0"):
+            x0 = g.guide_x0(ctx, x0, w)
+        ctx.pred = GuidedPrediction(x=ctx.x, x0=x0, eps=process.eps_from_x0(ctx.x, i, x0), log_var=out.log_var)
+        return ctx.pred
+
+    def mean_gradient(self, ctx: StepContext) -> Optional[Tensor]:
+        """Sum of mean-form gradients w g at x_t; the DDPM sampler adds Sigma * this to its mean (H2)."""
+        return self._gradients(ctx, "mean")
+
+    def after_step(self, ctx: StepContext, x_prev: Tensor) -> Tensor:
+        """H5: post-step updates on x_{t-1}, in order."""
+        for g, w in self._active(ctx, "after_step"):
+            x_prev = g.after_step(ctx, x_prev, w)
+        return x_prev
