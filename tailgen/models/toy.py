@@ -1,0 +1,99 @@
+"""Tiny MLPs for the 2-D toy mixture, with the ADM networks' call signatures.
+
+* :class:`ToyDenoiser` ``net(x, t, y=None) -> (B, out)``: class-conditional eps prediction (out = 2, or 4 with
+  ``learn_sigma`` as ADM: eps then the variance interpolation v). ``t`` are original 0..T-1 indices.
+  The label embedding has ``num_classes + 1`` rows; row ``num_classes`` is the null label (trained by label
+  dropout), used when ``y`` is None, so the same network is the unconditional model.
+* :class:`ToyClassifier` ``clf(x, t) -> logits (B, num_classes)`` and ``forward_features(x, t)`` (the
+  pre-head features), a noisy classifier p(y | x_t, t).
+
+Backbone: ``h = W_in x``; ``depth`` residual blocks ``h <- h + W2 SiLU(W1 SiLU(LN(h) + e))`` where
+``e = MLP(sinusoidal(t)) [+ Emb(y)]`` is added in every block; head ``W_out SiLU(LN(h))`` (zero-initialised
+for the denoiser as ADM does for its output conv).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tailgen.models.nn import as_timestep_tensor, timestep_embedding
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.act = nn.SiLU()
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return h + self.fc2(self.act(self.fc1(self.act(self.norm(h) + e))))
+
+
+class _ToyBackbone(nn.Module):
+    def __init__(self, in_dim: int, width: int, depth: int, emb_dim: int):
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.time_embed = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.inp = nn.Linear(in_dim, width)
+        self.blocks = nn.ModuleList(_Block(width) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(width)
+
+    def features(self, x: torch.Tensor, t, extra: torch.Tensor | None = None) -> torch.Tensor:
+        t = as_timestep_tensor(t, x.shape[0], x.device)
+        e = self.time_embed(timestep_embedding(t, self.emb_dim).to(x.dtype))
+        if extra is not None:
+            e = e + extra
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, e)
+        return nn.functional.silu(self.out_norm(h))
+
+
+class ToyDenoiser(nn.Module):
+    """Class-conditional eps-prediction MLP for 2-D data (see module docstring)."""
+
+    def __init__(self, in_dim: int = 2, width: int = 128, depth: int = 3, num_classes: int = 3,
+                 learn_sigma: bool = False, emb_dim: int = 64):
+        super().__init__()
+        self.in_dim, self.num_classes, self.learn_sigma = in_dim, num_classes, learn_sigma
+        self.out_channels = in_dim * (2 if learn_sigma else 1)
+        self.backbone = _ToyBackbone(in_dim, width, depth, emb_dim)
+        self.label_emb = nn.Embedding(num_classes + 1, width)  # row num_classes = null label
+        self.out = nn.Linear(width, self.out_channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, timesteps, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        y = torch.as_tensor(y, device=x.device).long().reshape(-1).expand(x.shape[0])
+        return self.out(self.backbone.features(x, timesteps, self.label_emb(y)))
+
+
+class ToyClassifier(nn.Module):
+    """Noisy classifier p(y | x_t, t) on 2-D data: ``forward(x, t) -> logits``, ``forward_features``."""
+
+    def __init__(self, in_dim: int = 2, width: int = 128, depth: int = 3, num_classes: int = 3, emb_dim: int = 64):
+        super().__init__()
+        self.in_dim, self.num_classes = in_dim, num_classes
+        self.backbone = _ToyBackbone(in_dim, width, depth, emb_dim)
+        self.out = nn.Linear(width, num_classes)
+
+    def forward_features(self, x: torch.Tensor, timesteps) -> torch.Tensor:
+        return self.backbone.features(x, timesteps)
+
+    def forward(self, x: torch.Tensor, timesteps) -> torch.Tensor:
+        return self.out(self.forward_features(x, timesteps))
+
+
+def create_toy_denoiser(**flags) -> ToyDenoiser:
+    """Builder mirroring ``create_model(**flags)``: flags are ToyDenoiser's keyword arguments."""
+    return ToyDenoiser(**flags)
+
+
+def create_toy_classifier(**flags) -> ToyClassifier:
+    """Builder mirroring ``create_classifier(**flags)``: flags are ToyClassifier's keyword arguments."""
+    return ToyClassifier(**flags)
