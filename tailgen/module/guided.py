@@ -1,0 +1,113 @@
+"""``GuidedDiffusion``: the LightningModule that wraps a frozen diffusion model (and optionally a noisy
+classifier and an unconditional model) and runs the guided sampler in ``predict_step`` / ``test_step``.
+
+Lightning handles devices, DDP and precision; everything below this file is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Optional
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from tailgen.diffusion.adapters import ADMDenoiser, NoisyClassifier
+from tailgen.diffusion.noise import SeededNoise
+from tailgen.diffusion.process import DiffusionProcess
+from tailgen.guidance import Guidance, GuidanceStack
+from tailgen.models.spec import NetworkSpec
+from tailgen.sampling import SAMPLERS
+from tailgen.utils import ConfigError
+from tailgen.utils.images import to_uint8
+
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
+
+
+class GuidedDiffusion(L.LightningModule):
+    """Guided sampling of a pretrained (class-conditional) diffusion model.
+
+    Args:
+        network: the diffusion UNet (preset / flags / checkpoint); its preset supplies the diffusion flags.
+        classifier: noisy-image classifier p(y | x_t, t) for gradient guidances (ADM, low-density, ...).
+        unconditional: a separate unconditional model for classifier-free guidance (e.g. 256x256_diffusion_uncond).
+        diffusion: guided-diffusion diffusion flags overriding the network's (e.g. ``{timestep_respacing: "250"}``).
+        sampler: ``ddpm`` (ancestral, learned or fixed variance), ``ddim`` (``eta``) or ``dpmpp_2m``.
+        eta: DDIM stochasticity (0 = deterministic).
+        clip_denoised: clamp x0_hat to [-1, 1] at every step (guided-diffusion's default).
+        guidances: named guidances, applied in the mapping's order; names make them addressable from the
+            command line and sweeps: ``--model.guidances.<name>.init_args.scale=0.7``.
+        progress: show a progress bar over sampler steps.
+    """
+
+    def __init__(
+        self,
+        network: NetworkSpec,
+        classifier: Optional[NetworkSpec] = None,
+        unconditional: Optional[NetworkSpec] = None,
+        diffusion: Optional[dict[str, Any]] = None,
+        sampler: SamplerName = "ddpm",
+        eta: float = 0.0,
+        clip_denoised: bool = True,
+        guidances: Optional[dict[str, Guidance]] = None,
+        progress: bool = True,
+    ):
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+        self.save_hyperparameters(ignore=["guidances"])
+        self.process = DiffusionProcess.from_flags(**{**network.diffusion_flags, **(diffusion or {})})
+        self.net = network.build()
+        self.classifier_net = classifier.build() if classifier is not None else None
+        self.uncond_net = unconditional.build() if unconditional is not None else None
+        flags = network.flags_resolved
+        self.num_classes: Optional[int] = flags.get("num_classes", 1000) if flags.get("class_cond", False) else None
+        self.image_shape = (flags.get("in_channels", 3), flags["image_size"], flags["image_size"])
+        self.sampler, self.eta, self.clip_denoised, self.progress = sampler, eta, clip_denoised, progress
+        self.guidances = dict(guidances or {})
+        self.stack = GuidanceStack(list(self.guidances.values()))
+        self.stack.validate(sampler=sampler, has_classifier=self.classifier_net is not None,
+                            has_uncond=self.uncond_net is not None)
+        self.freeze()
+
+    # ------------------------------------------------------------------------------------------------ adapters
+
+    def _denoiser(self) -> ADMDenoiser:
+        return ADMDenoiser(self.net, self.process)
+
+    def _uncond(self) -> Optional[Callable]:
+        if self.uncond_net is None:
+            return None
+        uncond = ADMDenoiser(self.uncond_net, self.process)
+        return lambda x, i: uncond(x, i)
+
+    def _classifier(self) -> Optional[NoisyClassifier]:
+        return NoisyClassifier(self.classifier_net, self.process) if self.classifier_net is not None else None
+
+    # ------------------------------------------------------------------------------------------------ sampling
+
+    def check_labels(self, labels: Tensor) -> None:
+        if self.num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            bad = int(labels[(labels < 0) | (labels >= self.num_classes)][0])
+            raise ConfigError(f"label {bad} is out of range: the model has {self.num_classes} classes "
+                              f"(0..{self.num_classes - 1}); fix data.labels")
+
+    def sample(self, labels: Tensor, seeds: Tensor, callback: Optional[Callable[[dict], None]] = None) -> Tensor:
+        """Sample one image per (label, seed); returns float NCHW in [-1, 1]."""
+        self.check_labels(labels)
+        # Lightning may run predict/test under inference mode: leave it, so guidance gradients work.
+        with torch.inference_mode(False), torch.no_grad():
+            labels, seeds = labels.clone(), seeds.clone()
+            noise = SeededNoise(seeds.tolist(), device=self.device)
+            x = noise.initial((len(seeds), *self.image_shape))
+            return SAMPLERS[self.sampler](
+                self._denoiser(), x, self.process, labels if self.num_classes is not None else None,
+                guidance=self.stack, noise=noise, classifier=self._classifier(), uncond=self._uncond(),
+                clip_denoised=self.clip_denoised, callback=callback, progress=self.progress,
+                **({"eta": self.eta} if self.sampler == "ddim" else {}),
+            )
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict[str, Tensor]:
+        images = self.sample(batch["label"], batch["seed"])
+        return {"images": to_uint8(images).cpu(), "labels": batch["label"].cpu(), "seeds": batch["seed"].cpu(),
+                "indices": batch["index"].cpu()}
