@@ -1,1 +1,27 @@
-"""tailgen.models"""
+"""Layer 1: networks. ADM UNet / SuperRes / EncoderUNet classifier, builders from guided-diffusion flags,
+presets of the official checkpoints, safe checkpoint loading and the YAML-buildable `NetworkSpec`."""
+
+from tailgen.models.adm import (
+    classifier_defaults,
+    create_classifier,
+    create_model,
+    create_superres_model,
+    flags_from_string,
+    model_defaults,
+    superres_defaults,
+)
+from tailgen.models.encoder import EncoderUNetModel
+from tailgen.models.unet import SuperResModel, UNetModel
+
+__all__ = [
+    "UNetModel",
+    "SuperResModel",
+    "EncoderUNetModel",
+    "create_model",
+    "create_classifier",
+    "create_superres_model",
+    "model_defaults",
+    "classifier_defaults",
+    "superres_defaults",
+    "flags_from_string",
+]
