@@ -9,13 +9,23 @@ from tailgen.guidance.base import (
     StepContext,
     schedule_weight,
 )
+from tailgen.guidance.classifier import ClassifierGuidance, EntropyScaledClassifierGuidance
+from tailgen.guidance.classifier_free import ClassifierFreeGuidance
+from tailgen.guidance.low_density import LowDensityGuidance
+from tailgen.guidance.predicted_image import PredictedImageGradient, PredictedImagePull
 
 __all__ = [
     "ClassifierEval",
+    "ClassifierFreeGuidance",
+    "ClassifierGuidance",
+    "EntropyScaledClassifierGuidance",
     "GradientGuidance",
     "Guidance",
     "GuidanceStack",
     "GuidedPrediction",
+    "LowDensityGuidance",
+    "PredictedImageGradient",
+    "PredictedImagePull",
     "StepContext",
     "schedule_weight",
 ]
