@@ -57,7 +57,8 @@ def test_pre_form_moves_x_before_the_network():
 def test_one_classifier_forward_shared_by_guidances():
     clf, x = LinearClassifier(), batch()
     ctx = make_ctx(x, labels=LABELS, classifier=clf)
-    stack = GuidanceStack([ClassifierGuidance(), LowDensityGuidance(variant="target"), EntropyScaledClassifierGuidance()])
+    stack = GuidanceStack([ClassifierGuidance(), LowDensityGuidance(variant="target"),
+                           EntropyScaledClassifierGuidance()])
     stack.mean_gradient(ctx)
     assert len(clf.calls) == 1
 

@@ -71,7 +71,8 @@ def test_needs_an_unconditional_path():
     with pytest.raises(ConfigError, match=re.escape(msg)):  # also at run time, without validate
         ClassifierFreeGuidance().guide_eps(make_ctx(batch(), labels=LABELS), batch(), 1.0)
     GuidanceStack([ClassifierFreeGuidance()]).validate(sampler="ddpm", has_classifier=False, has_uncond=True)
-    GuidanceStack([ClassifierFreeGuidance(null_label=0)]).validate(sampler="ddim", has_classifier=False, has_uncond=False)
+    GuidanceStack([ClassifierFreeGuidance(null_label=0)]).validate(sampler="ddim", has_classifier=False,
+                                                                   has_uncond=False)
     assert ClassifierFreeGuidance().uses_uncond and not ClassifierFreeGuidance(null_label=3).uses_uncond
 
 

@@ -98,7 +98,8 @@ def test_gradient_needs_a_classifier_only_for_the_classifier_objective():
     with pytest.raises(ConfigError, match="needs a noisy classifier"):
         GuidanceStack([PredictedImageGradient(objective="classifier_log_prob")]).validate(
             sampler="ddim", has_classifier=False, has_uncond=False)
-    GuidanceStack([PredictedImageGradient(objective="norm")]).validate(sampler="ddim", has_classifier=False, has_uncond=False)
+    GuidanceStack([PredictedImageGradient(objective="norm")]).validate(sampler="ddim", has_classifier=False,
+                                                                       has_uncond=False)
 
 
 @pytest.mark.parametrize("make,word", [

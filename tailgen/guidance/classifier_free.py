@@ -41,7 +41,9 @@ class ClassifierFreeGuidance(Guidance):
                  t_max: float = 1.0, every: int = 1, schedule: Schedule = "constant"):
         super().__init__(scale=scale, t_min=t_min, t_max=t_max, every=every, schedule=schedule)
         if null_label is not None and (isinstance(null_label, bool) or int(null_label) != null_label or null_label < 0):
-            raise ConfigError(f"ClassifierFreeGuidance: null_label must be a non-negative integer or null, got {null_label!r}")
+            raise ConfigError(
+                f"ClassifierFreeGuidance: null_label must be a non-negative integer or null, got {null_label!r}"
+            )
         self.null_label = None if null_label is None else int(null_label)
 
     @property

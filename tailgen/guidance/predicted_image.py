@@ -108,7 +108,9 @@ class PredictedImageGradient(GradientGuidance):
                  max_norm: Optional[float] = None, t_min: float = 0.0, t_max: float = 1.0, every: int = 1,
                  schedule: Schedule = "constant"):
         if objective not in OBJECTIVES:
-            raise ConfigError(f"PredictedImageGradient: unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+            raise ConfigError(
+                f"PredictedImageGradient: unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}"
+            )
         super().__init__(scale=scale, form=form, max_norm=max_norm, t_min=t_min, t_max=t_max, every=every,
                          schedule=schedule)
         self.objective = objective
