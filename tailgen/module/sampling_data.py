@@ -58,6 +58,32 @@ class LabelSeedDataset(Dataset):
         return {"label": self.labels[k], "seed": self.seeds[k], "index": torch.tensor(k)}
 
 
+class SampleFileDataset(Dataset):
+    """Item k of an existing ``samples.npz`` (guided-diffusion layout) -> {"images" uint8 HWC, "label", "index"}."""
+
+    def __init__(self, path: str):
+        from pathlib import Path
+
+        from tailgen.utils import DataError
+
+        if not Path(path).is_file():
+            raise DataError(f"samples file {path} does not exist: run `tailgen predict` first or fix data.samples")
+        with np.load(path) as f:
+            if "arr_0" not in f:
+                raise DataError(f"{path} has no arr_0: expected guided-diffusion's samples layout (arr_0 images, arr_1 labels)")
+            self.images = torch.from_numpy(f["arr_0"])
+            labels = f["arr_1"] if "arr_1" in f else np.full(len(self.images), -1)
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"{path}: arr_0 must be uint8 N×H×W×C, got {tuple(self.images.shape)} {self.images.dtype}")
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, k: int) -> dict:
+        return {"images": self.images[k], "label": self.labels[k], "index": torch.tensor(k)}
+
+
 class SamplingDataModule(L.LightningDataModule):
     """Drives ``tailgen predict`` / ``tailgen test``: N samples, their labels and per-sample seeds.
 
@@ -67,19 +93,23 @@ class SamplingDataModule(L.LightningDataModule):
         seed: base seed; sample k uses ``sample_seed(seed, k)``.
         batch_size: samples per batch (per device).
         num_classes: defaults to the model's ``num_classes``.
+        samples: an existing ``samples.npz`` to evaluate in ``tailgen test`` instead of sampling.
     Under DDP every sample is generated exactly once (no padding by repetition, also in test).
     """
 
     def __init__(self, num_samples: int = 64, labels: LabelSpec = "uniform", seed: int = 0, batch_size: int = 16,
-                 num_classes: Optional[int] = None):
+                 num_classes: Optional[int] = None, samples: Optional[str] = None):
         super().__init__()
         if num_samples < 1 or batch_size < 1:
             raise ConfigError(f"num_samples and batch_size must be >= 1 (got {num_samples}, {batch_size})")
         self.num_samples, self.labels, self.seed, self.batch_size = num_samples, labels, seed, batch_size
-        self.num_classes = num_classes
-        self.dataset: Optional[LabelSeedDataset] = None
+        self.num_classes, self.samples = num_classes, samples
+        self.dataset: Optional[Dataset] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if self.samples is not None:
+            self.dataset = SampleFileDataset(self.samples)
+            return
         num_classes = self.num_classes
         if num_classes is None and self.trainer is not None:
             num_classes = getattr(self.trainer.lightning_module, "num_classes", None)
