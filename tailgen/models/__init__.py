@@ -10,7 +10,10 @@ from tailgen.models.adm import (
     model_defaults,
     superres_defaults,
 )
+from tailgen.models.checkpoint import extract_state_dict, load_checkpoint, load_into, load_state_dict_file
 from tailgen.models.encoder import EncoderUNetModel
+from tailgen.models.presets import PRESETS, build_preset, get_preset, register_preset
+from tailgen.models.spec import NetworkSpec
 from tailgen.models.unet import SuperResModel, UNetModel
 
 __all__ = [
@@ -24,4 +27,13 @@ __all__ = [
     "classifier_defaults",
     "superres_defaults",
     "flags_from_string",
+    "PRESETS",
+    "build_preset",
+    "get_preset",
+    "register_preset",
+    "load_state_dict_file",
+    "extract_state_dict",
+    "load_into",
+    "load_checkpoint",
+    "NetworkSpec",
 ]

@@ -1,0 +1,81 @@
+"""`NetworkSpec`: a network described in YAML (preset name, flag overrides, checkpoint) and built frozen.
+
+    network:
+      preset: 64x64_diffusion
+      checkpoint: /path/64x64_diffusion.pt
+      flags: {use_fp16: false}        # optional overrides of the preset's builder flags
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tailgen.models.adm import DIFFUSION_FLAGS
+from tailgen.models.checkpoint import load_checkpoint
+from tailgen.models.presets import BUILDERS, PRESETS, build_network, get_preset
+from tailgen.utils import ConfigError
+
+_DIFFUSION_NAMES = DIFFUSION_FLAGS | {"learn_sigma"}
+
+
+class NetworkSpec:
+    """Preset and/or explicit guided-diffusion flags + optional weights file (kind: model | classifier |
+    upsampler; a preset sets the kind). `build()` returns the network in eval mode with gradients off."""
+
+    def __init__(
+        self,
+        preset: str | None = None,
+        flags: dict | None = None,
+        checkpoint: str | None = None,
+        kind: str = "model",
+        prefix: str | None = None,
+    ):
+        if preset is None and not flags:
+            raise ConfigError(
+                f"a network needs a preset or flags; presets: {', '.join(sorted(PRESETS))}"
+            )
+        self.preset = preset
+        self.flags = dict(flags or {})
+        self.checkpoint = checkpoint
+        self.prefix = prefix
+        if preset is not None:
+            self._preset = get_preset(preset)  # raises ConfigError listing the presets
+            self.kind = self._preset["kind"]
+        else:
+            if kind not in BUILDERS:
+                raise ConfigError(f"network kind must be one of {', '.join(BUILDERS)}, got {kind!r}")
+            self._preset = None
+            self.kind = kind
+
+    @property
+    def flags_resolved(self) -> dict:
+        """Builder flags: the preset's flags updated by the explicit `flags`."""
+        base = dict(self._preset["flags"]) if self._preset else {}
+        return {**base, **self.flags}
+
+    @property
+    def diffusion_flags(self) -> dict:
+        """Diffusion flags: the preset's, updated by any diffusion flags (and learn_sigma) in `flags`."""
+        base = dict(self._preset["diffusion"]) if self._preset else {}
+        base.update({name: value for name, value in self.flags.items() if name in _DIFFUSION_NAMES})
+        if "learn_sigma" in self.flags_resolved and self.kind != "classifier":
+            base["learn_sigma"] = self.flags_resolved["learn_sigma"]
+        return base
+
+    def build(self, device="cpu") -> nn.Module:
+        """Network on `device`, weights loaded when a checkpoint is given, `.eval()`, `requires_grad_(False)`.
+
+        With a checkpoint the network is built on the meta device and materialised from the file (no random
+        initialisation, no second copy)."""
+        if self.checkpoint:
+            model = build_network(self.kind, self.flags_resolved, device="meta")
+            load_checkpoint(model, self.checkpoint, prefix=self.prefix, device=device)
+        else:
+            model = build_network(self.kind, self.flags_resolved, device=device)
+        return model.eval().requires_grad_(False)
+
+    def __repr__(self) -> str:
+        return (
+            f"NetworkSpec(preset={self.preset!r}, flags={self.flags!r}, checkpoint={self.checkpoint!r}, "
+            f"kind={self.kind!r})"
+        )
