@@ -1,0 +1,68 @@
+"""Adapters that turn ADM networks into the contracts samplers and guidances use.
+
+ADM quirks handled here and nowhere else (Dhariwal & Nichol 2021; guided-diffusion ``respace._WrappedModel``):
+
+* a learned-sigma UNet outputs 2C channels: eps in the first C, the raw variance interpolation v in the last C;
+* under timestep respacing the networks were trained on the *original* step indices, so respaced index i is
+  mapped to ``timestep_map[i]`` (int64 [B]) for the UNet **and** for the noisy classifier;
+* ``predict_xstart`` models output x0, converted here to eps;
+* ``rescale_timesteps`` models receive ``t * 1000 / N`` as float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tailgen.diffusion.process import DiffusionProcess, Index
+
+
+@dataclass
+class Prediction:
+    """Raw network prediction in sampler terms: ``eps`` and, for learned-sigma models, ``log_var`` = log Sigma."""
+
+    eps: torch.Tensor
+    log_var: torch.Tensor | None = None
+
+
+class ADMDenoiser:
+    """``(x, i, labels, **model_kwargs) -> Prediction`` for an ADM ``UNetModel`` / ``SuperResModel``.
+
+    Holds references only (the network is not registered as a submodule). ``labels`` is passed as ``y`` when
+    given; other keyword arguments (``low_res`` for the upsampler) go to the network unchanged.
+    """
+
+    def __init__(self, net, process: DiffusionProcess, learn_sigma: bool | None = None):
+        self.net = net
+        self.process = process
+        self.learn_sigma = process.learn_sigma if learn_sigma is None else bool(learn_sigma)
+
+    def __call__(self, x: torch.Tensor, i: Index, labels: torch.Tensor | None = None, **model_kwargs) -> Prediction:
+        p = self.process
+        t = p.model_timesteps(i, x.shape[0], x.device)
+        if labels is not None:
+            model_kwargs["y"] = labels
+        out = self.net(x, t, **model_kwargs)
+        v = None
+        if self.learn_sigma:
+            out, v = torch.split(out, x.shape[1], dim=1)
+        eps = p.eps_from_x0(x, i, out) if p.predict_xstart else out
+        return Prediction(eps=eps, log_var=None if v is None else p.model_log_variance(i, v, x))
+
+    def __repr__(self) -> str:
+        return f"ADMDenoiser({type(self.net).__name__}, {self.process!r})"
+
+
+class NoisyClassifier:
+    """``(x, i) -> logits`` for a noisy-image classifier (ADM ``EncoderUNetModel``), fed the original timestep."""
+
+    def __init__(self, net, process: DiffusionProcess):
+        self.net = net
+        self.process = process
+
+    def __call__(self, x: torch.Tensor, i: Index) -> torch.Tensor:
+        return self.net(x, self.process.model_timesteps(i, x.shape[0], x.device))
+
+    def __repr__(self) -> str:
+        return f"NoisyClassifier({type(self.net).__name__}, {self.process!r})"
