@@ -1,7 +1,8 @@
 """Self-attention of the ADM UNet and the attention-pool head of its classifier.
 
 The reference scales q and k each by ch^(-1/4) and takes a float32 softmax of q^T k; that equals scaled
-dot-product attention with scale 1/sqrt(ch), which is what `F.scaled_dot_product_attention` computes.
+dot-product attention with scale 1/sqrt(ch): `F.scaled_dot_product_attention` on accelerators, the explicit
+matmul form on CPU (faster there for these sizes).
 Two channel layouts of the fused qkv tensor (B, 3 * heads * ch, T) exist and must be kept exact:
 
 * legacy (`QKVAttentionLegacy`): heads first, then q/k/v inside each head -> view (B, heads, 3, ch, T);
@@ -17,10 +18,13 @@ from torch import nn
 from tailgen.models.nn import conv_nd, maybe_checkpoint, normalization, zero_module
 
 
-def qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool, num_queries: int | None = None) -> torch.Tensor:
+def qkv_attention(
+    qkv: torch.Tensor, num_heads: int, new_order: bool, num_queries: int | None = None, use_sdpa: bool | None = None
+) -> torch.Tensor:
     """Multi-head attention over a fused (B, 3*C, T) qkv tensor; returns (B, C, Tq).
 
-    `num_queries` limits the queries to the first tokens (the attention pool only needs token 0).
+    `num_queries` limits the queries to the first tokens (the attention pool only needs token 0);
+    `use_sdpa` None picks SDPA off-CPU and the explicit form on CPU.
     """
     batch, width, length = qkv.shape
     ch = width // (3 * num_heads)
@@ -30,10 +34,16 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, new_order: bool, num_querie
         q, k, v = qkv.view(batch, num_heads, 3, ch, length).unbind(2)
     if num_queries is not None:
         q = q[..., :num_queries]
-    # (B, heads, ch, T) -> (B, heads, T, ch) as SDPA expects (default scale 1/sqrt(ch)).
-    q, k, v = (tensor.transpose(-1, -2) for tensor in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(-1, -2).reshape(batch, num_heads * ch, -1)
+    if use_sdpa if use_sdpa is not None else qkv.device.type != "cpu":
+        # (B, heads, ch, T) -> (B, heads, T, ch); fused kernels (flash / memory-efficient) on accelerators.
+        q, k, v = (tensor.transpose(-1, -2) for tensor in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
+    else:
+        # On CPU the explicit form is faster than SDPA for these sizes: softmax(q^T k / sqrt(ch)) in float32.
+        weight = torch.matmul(q.transpose(-1, -2) * ch**-0.5, k)
+        weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+        out = torch.matmul(v, weight.transpose(-1, -2))
+    return out.reshape(batch, num_heads * ch, -1)
 
 
 def resolve_num_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
