@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tailgen.models.nn import conv_nd, maybe_checkpoint, normalization, zero_module
+from tailgen.utils import ConfigError
 
 
 def qkv_attention(
@@ -50,13 +51,9 @@ def resolve_num_heads(channels: int, num_heads: int, num_head_channels: int) -> 
     """Heads of an attention layer: `channels // num_head_channels` if that is set (!= -1), else `num_heads`."""
     if num_head_channels == -1:
         if channels % num_heads:
-            from tailgen.utils import ConfigError
-
             raise ConfigError(f"attention over {channels} channels cannot be split into num_heads={num_heads} heads")
         return num_heads
     if channels % num_head_channels:
-        from tailgen.utils import ConfigError
-
         raise ConfigError(
             f"attention over {channels} channels is not divisible by num_head_channels={num_head_channels}; "
             "choose channel widths that are multiples of it or set num_head_channels=-1 and num_heads"
@@ -115,8 +112,6 @@ class AttentionPool2d(nn.Module):
         batch, channels, *spatial = x.shape
         tokens = x.reshape(batch, channels, -1)
         if tokens.shape[-1] + 1 != self.positional_embedding.shape[-1]:
-            from tailgen.utils import ConfigError
-
             raise ConfigError(
                 f"attention pool expects a {self.spacial_dim}x{self.spacial_dim} feature map (built for "
                 f"image_size = {self.spacial_dim} * downsampling), got {tuple(spatial)}: feed images of the "

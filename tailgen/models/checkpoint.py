@@ -55,6 +55,8 @@ def load_state_dict_file(path, prefix: str | None = None) -> dict[str, torch.Ten
             f"{path} is truncated or corrupt (unreadable pickle: {text.splitlines()[0] if text else error!r}); "
             f"download or copy it again. {_where_official(path)}."
         ) from None
+    except PermissionError as error:
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {error}") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(

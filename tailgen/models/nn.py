@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
+from tailgen.utils import ConfigError
+
 NUM_GROUPS = 32
 
 
@@ -76,8 +78,6 @@ def as_timestep_tensor(timesteps, batch_size: int, device: torch.device) -> torc
     if timesteps.dim() == 0:
         return timesteps.expand(batch_size)
     if timesteps.dim() != 1 or timesteps.shape[0] not in (1, batch_size):
-        from tailgen.utils import ConfigError
-
         raise ConfigError(
             f"timesteps must be a scalar or a 1-D tensor of length {batch_size} (the batch size), "
             f"got shape {tuple(timesteps.shape)}"
