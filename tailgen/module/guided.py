@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tailgen.diffusion.adapters import ADMDenoiser, NoisyClassifier
-from tailgen.diffusion.noise import SeededNoise
+from tailgen.diffusion.noise import NoiseSource, SeededNoise
 from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.models.spec import NetworkSpec
@@ -56,7 +56,10 @@ class GuidedDiffusion(L.LightningModule):
         if sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
         self.save_hyperparameters(ignore=["guidances"])
-        self.process = DiffusionProcess.from_flags(**{**network.diffusion_flags, **(diffusion or {})})
+        diffusion = dict(diffusion or {})
+        if isinstance(diffusion.get("timestep_respacing"), int):  # `--model.diffusion.timestep_respacing=250`
+            diffusion["timestep_respacing"] = str(diffusion["timestep_respacing"])
+        self.process = DiffusionProcess.from_flags(**{**network.diffusion_flags, **diffusion})
         self.net = network.build()
         self.classifier_net = classifier.build() if classifier is not None else None
         self.uncond_net = unconditional.build() if unconditional is not None else None
@@ -92,16 +95,20 @@ class GuidedDiffusion(L.LightningModule):
             raise ConfigError(f"label {bad} is out of range: the model has {self.num_classes} classes "
                               f"(0..{self.num_classes - 1}); fix data.labels")
 
-    def sample(self, labels: Tensor, seeds: Tensor, callback: Optional[Callable[[dict], None]] = None) -> Tensor:
-        """Sample one image per (label, seed); returns float NCHW in [-1, 1]."""
-        self.check_labels(labels)
+    def sample(self, labels: Optional[Tensor], seeds: Optional[Tensor] = None, *, noise: Optional[NoiseSource] = None,
+               callback: Optional[Callable[[dict], None]] = None) -> Tensor:
+        """Sample one image per label: noise from per-sample ``seeds`` (or an explicit ``noise`` source, e.g.
+        recorded noise to replay). Returns float NCHW in [-1, 1]."""
+        if labels is not None:
+            self.check_labels(labels)
         # Lightning may run predict/test under inference mode: leave it, so guidance gradients work.
         with torch.inference_mode(False), torch.no_grad():
-            labels, seeds = labels.clone(), seeds.clone()
-            noise = SeededNoise(seeds.tolist(), device=self.device)
-            x = noise.initial((len(seeds), *self.image_shape))
+            labels = labels.clone() if labels is not None else None
+            if noise is None:
+                noise = SeededNoise(seeds.tolist(), device=self.device)
+            x = noise.initial((len(labels) if labels is not None else len(seeds), *self.image_shape))
             return SAMPLERS[self.sampler](
-                self._denoiser(), x, self.process, labels if self.num_classes is not None else None,
+                self._denoiser(), x.to(self.device), self.process, labels if self.num_classes is not None else None,
                 guidance=self.stack, noise=noise, classifier=self._classifier(), uncond=self._uncond(),
                 clip_denoised=self.clip_denoised, callback=callback, progress=self.progress,
                 **({"eta": self.eta} if self.sampler == "ddim" else {}),
