@@ -33,7 +33,7 @@ def sample_ddpm(denoiser, x: torch.Tensor, process, labels: torch.Tensor | None 
         # H2 mean shift, gradient taken at x_t with the model's Sigma
         g = loop.stack.mean_gradient(ctx)
         if g is not None:
-            mean = mean.float() + process.model_variance(i, pred.log_var, x_t) * g.float()
+            mean = mean + process.model_variance(i, pred.log_var, x_t) * g.to(mean.dtype)
         # Ancestral step
         x = mean + torch.exp(0.5 * log_var) * z if i > 0 else mean
         x = loop.finish_step(ctx, x, pred.x0, callback)
