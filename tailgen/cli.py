@@ -34,6 +34,13 @@ class TailgenCLI(LightningCLI):
         # The sample writer is always there on predict; its options are --writer.*.
         parser.add_lightning_class_args(SampleWriter, "writer")
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # The writer keeps every sample on disk; holding them all in RAM too (Lightning's default) does not scale.
+        if subcommand == "predict" and kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        return kwargs
+
 
 def _tailgen_error(exc: BaseException) -> Optional[TailgenError]:
     """The TailgenError behind ``exc`` (jsonargparse wraps errors raised while instantiating classes)."""
