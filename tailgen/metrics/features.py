@@ -61,6 +61,7 @@ class FeatureExtractor(nn.Module):
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self._identity_cache: str | None = None
+        self.training = False
 
     @property
     def device(self) -> torch.device:
