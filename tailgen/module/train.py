@@ -1,0 +1,289 @@
+"""LightningModules that train tailgen's own networks (``tailgen fit``).
+
+:class:`DiffusionTrainer` -- class-conditional eps-prediction model with the IDDPM hybrid loss (Nichol & Dhariwal
+2021, Sec. 3.1): for x0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+
+    L_simple = mean_dims || eps - eps_theta(x_t, t, y) ||^2
+    L_vlb    = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))   (t > 0),   -log p(x0 | x_1) discretized (t = 0),
+               in bits per dimension, with p's mean built from sg[eps_theta] (stop-gradient: only the variance
+               output v learns from L_vlb) and log Sigma = f log beta_t + (1 - f) log beta~_t, f = (v + 1) / 2
+    L_hybrid = L_simple + lambda L_vlb    (lambda = 1 here, as guided-diffusion's default MSE + learned sigma)
+
+Label dropout: with probability ``label_dropout`` the label is replaced by the null label ``num_classes``
+(the label embedding has ``num_classes + 1`` rows), so eps_theta(x_t, t, null) is an unconditional model
+(classifier-free guidance, Ho & Salimans 2022). An exponential moving average of the weights,
+theta_ema <- d theta_ema + (1 - d) theta with d = min(ema_decay, (1 + n) / (10 + n)) at update n, is kept in
+the checkpoint (``ema.*``) and is what gets exported and validated.
+
+:class:`ClassifierTrainer` -- ADM classifier training (Dhariwal & Nichol 2021, ``classifier_train.py``):
+cross-entropy of p_phi(y | x_t, t) on x_t ~ q(x_t | x0) with t ~ U{0..t_max-1} (``noised=True``), or a clean
+classifier evaluated at t = 0 (``noised=False``). Validation reports accuracy at fixed t and at "small t"
+(t ~ U{0..small_t-1}, fixed noise).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tailgen.diffusion.process import DiffusionProcess
+from tailgen.utils.errors import ConfigError
+
+ARCHS = ("adm", "toy_mlp")
+
+
+def build_network(kind: str, arch: str, flags: dict) -> nn.Module:
+    """``kind`` "model" | "classifier"; ``arch`` "adm" (guided-diffusion flags) | "toy_mlp" (toy MLP kwargs)."""
+    if arch == "adm":
+        from tailgen.models import adm
+
+        return adm.create_model(**flags) if kind == "model" else adm.create_classifier(**flags)
+    if arch == "toy_mlp":
+        from tailgen.models import toy
+
+        return toy.create_toy_denoiser(**flags) if kind == "model" else toy.create_toy_classifier(**flags)
+    raise ConfigError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def _spatial(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+class _EMATrainer(L.LightningModule):
+    """Shared plumbing: thread count, AdamW with linear warm-up, EMA copy of ``self.net`` stored as ``self.ema``."""
+
+    net: nn.Module
+
+    def _init_common(self, lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last):
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.ema_decay, self.num_threads, self.channels_last = ema_decay, num_threads, channels_last
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval() if ema_decay > 0 else None
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    def setup(self, stage: str) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.warmup_steps <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is None:
+            return
+        n = int(self.ema_updates)
+        d = min(self.ema_decay, (1 + n) / (10 + n))
+        ema_p = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in self.net.parameters()], 1.0 - d)
+        for eb, b in zip(self.ema.buffers(), self.net.buffers()):
+            eb.copy_(b)
+        self.ema_updates += 1
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The network used for validation and export: the EMA copy when there is one."""
+        return self.ema if self.ema is not None else self.net
+
+
+class DiffusionTrainer(_EMATrainer):
+    """Train a class-conditional diffusion model (IDDPM hybrid loss, label dropout, EMA); see module docstring.
+
+    Args:
+        network: network flags (guided-diffusion ``create_model`` flags for ``arch="adm"``, e.g. ``image_size,
+            in_channels, num_channels, num_res_blocks, channel_mult, attention_resolutions, learn_sigma,
+            class_cond, num_classes``; :class:`~tailgen.models.toy.ToyDenoiser` kwargs for ``"toy_mlp"``).
+        diffusion: ``DiffusionProcess.from_flags`` flags (``diffusion_steps, noise_schedule, learn_sigma``...);
+            ``timestep_respacing`` must be empty for training.
+        arch: "adm" or "toy_mlp".
+        num_classes: number of real classes; the null label is ``num_classes``.
+        label_dropout: probability of replacing a label by the null label.
+        vlb_weight: lambda of L_hybrid (used only with learned sigma).
+        lr, weight_decay, warmup_steps: AdamW and linear warm-up.
+        ema_decay: EMA decay (0 disables EMA).
+        num_threads: ``torch.set_num_threads`` at setup (None leaves it).
+        channels_last: run the network in channels-last memory format.
+        val_timesteps: number of evenly spaced t used by validation (one t per validation image, fixed noise).
+    """
+
+    def __init__(self, network: dict, diffusion: dict | None = None, arch: str = "adm", num_classes: int = 10,
+                 label_dropout: float = 0.1, vlb_weight: float = 1.0, lr: float = 2e-4, weight_decay: float = 0.0,
+                 warmup_steps: int = 200, ema_decay: float = 0.9995, num_threads: int | None = None,
+                 channels_last: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.process = DiffusionProcess.from_flags(**(diffusion or {}))
+        if self.process.num_steps != self.process.num_train_steps:
+            raise ConfigError("training needs the full process: leave diffusion.timestep_respacing empty")
+        self.arch, self.num_classes = arch, num_classes
+        self.label_dropout, self.vlb_weight = label_dropout, vlb_weight
+        if arch == "adm" and network.get("class_cond") and label_dropout > 0 \
+                and network.get("num_classes", 1000) != num_classes + 1:
+            raise ConfigError(f"label dropout needs a null label: set network.num_classes = {num_classes + 1} "
+                              f"({num_classes} classes + the null label {num_classes})")
+        self.net = build_network("model", arch, network)
+        self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last)
+
+    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """Replace each label by the null label ``num_classes`` with probability ``label_dropout``."""
+        if self.label_dropout <= 0:
+            return y
+        drop = torch.rand(y.shape, device=y.device) < self.label_dropout
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def losses(self, net: nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+               noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample ``mse`` (L_simple), ``vb`` (L_vlb, bits/dim; zeros without learned sigma) and ``loss``."""
+        x_t = self.process.q_sample(x0, t, noise)
+        out = net(_spatial(x_t, self.channels_last), t, y).float()
+        c = x0.shape[1]
+        if self.process.learn_sigma:
+            eps, v = out[:, :c], out[:, c:]
+            vb = self.process.vlb_term(x0, x_t, t, eps.detach(), v)
+        else:
+            eps, vb = out, torch.zeros(x0.shape[0], device=x0.device)
+        mse = (eps - noise).pow(2).flatten(1).mean(1)
+        return {"mse": mse, "vb": vb, "loss": mse + self.vlb_weight * vb}
+
+    def training_step(self, batch, batch_idx):
+        x0, y = batch
+        t = torch.randint(0, self.process.num_steps, (x0.shape[0],), device=x0.device)
+        terms = self.losses(self.net, x0, self.drop_labels(y), t, torch.randn_like(x0))
+        loss = terms["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/mse", terms["mse"].mean())
+        self.log("train/vb", terms["vb"].mean())
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x0, y = batch
+        g = torch.Generator().manual_seed(batch_idx)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        # one t per image, cycling over an even grid so every validation pass sees the same (x0, t, eps)
+        n = x0.shape[0]
+        t = (torch.arange(n) * 997 + batch_idx * 31) % self.process.num_steps
+        terms = self.losses(self.eval_net, x0, y, t.to(x0.device), noise)
+        for k in ("loss", "mse", "vb"):
+            self.log(f"val/{k}", terms[k].mean(), prog_bar=k == "loss", batch_size=n)
+
+
+class ClassifierTrainer(_EMATrainer):
+    """Train a noisy (ADM) or clean classifier with cross-entropy; see module docstring.
+
+    Args:
+        network: ``create_classifier`` flags (``arch="adm"``: ``image_size, in_channels, num_classes,
+            classifier_width, classifier_depth, classifier_attention_resolutions, classifier_pool``...) or
+            :class:`~tailgen.models.toy.ToyClassifier` kwargs (``"toy_mlp"``).
+        diffusion: ``DiffusionProcess.from_flags`` flags (the q(x_t | x0) the classifier sees).
+        noised: True: x_t ~ q(x_t | x0) with t ~ U{0..t_max-1}; False: clean images, t = 0.
+        t_max: upper bound of training t (None: all T steps).
+        small_t: validation "small t" range, t ~ U{0..small_t-1}.
+        val_t: fixed t values at which validation accuracy is reported (noised only).
+        random_flip: horizontal flip augmentation (images only).
+        lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last: as :class:`DiffusionTrainer`.
+    """
+
+    def __init__(self, network: dict, diffusion: dict | None = None, arch: str = "adm", noised: bool = True,
+                 t_max: int | None = None, small_t: int = 100, val_t: list[int] | None = None,
+                 random_flip: bool = False, lr: float = 3e-4, weight_decay: float = 0.05, warmup_steps: int = 100,
+                 ema_decay: float = 0.0, num_threads: int | None = None, channels_last: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.process = DiffusionProcess.from_flags(**(diffusion or {}))
+        self.arch, self.noised, self.random_flip = arch, noised, random_flip
+        self.t_max = min(t_max or self.process.num_steps, self.process.num_steps)
+        self.small_t = small_t
+        self.val_t = list(val_t) if val_t is not None else ([0, 100, 250, 500, 750] if noised else [0])
+        self.net = build_network("classifier", arch, network)
+        self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last)
+
+    def _logits(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        x = x0 if noise is None else self.process.q_sample(x0, t, noise)
+        return net(_spatial(x, self.channels_last), t).float()
+
+    def training_step(self, batch, batch_idx):
+        x0, y = batch
+        if self.random_flip and x0.dim() == 4:
+            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        b = x0.shape[0]
+        if self.noised:
+            t = torch.randint(0, self.t_max, (b,), device=x0.device)
+            logits = self._logits(self.net, x0, t, torch.randn_like(x0))
+        else:
+            logits = self._logits(self.net, x0, torch.zeros(b, dtype=torch.long, device=x0.device), None)
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x0, y = batch
+        b, net = x0.shape[0], self.eval_net
+        g = torch.Generator().manual_seed(batch_idx)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        for tv in self.val_t:
+            t = torch.full((b,), tv, dtype=torch.long, device=x0.device)
+            logits = self._logits(net, x0, t, noise if (self.noised and tv > 0) else None)
+            self.log(f"val/acc_t{tv}", (logits.argmax(1) == y).float().mean(), batch_size=b, prog_bar=tv == 0)
+            if tv == 0:
+                self.log("val/loss", F.cross_entropy(logits, y), batch_size=b)
+        if self.noised:
+            t = torch.randint(0, self.small_t, (b,), generator=g).to(x0.device)
+            logits = self._logits(net, x0, t, noise)
+            self.log("val/acc_small_t", (logits.argmax(1) == y).float().mean(), batch_size=b, prog_bar=True)
+
+
+class PrintProgress(L.Callback):
+    """One plain log line every ``every_n_steps`` optimiser steps (for ``nohup`` logs without a progress bar):
+    epoch, step, logged train metrics and the throughput in images/s since the previous line; and the
+    validation metrics at the end of each validation."""
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every_n_steps = every_n_steps
+        self._t0 = None
+        self._images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        self._images += int(batch[0].shape[0])
+        if self._t0 is None:
+            self._t0, self._images = time.perf_counter(), 0
+            return
+        step = trainer.global_step
+        if step % self.every_n_steps == 0:
+            now = time.perf_counter()
+            rate = self._images / max(now - self._t0, 1e-9)
+            metrics = " ".join(f"{k}={float(v):.4f}" for k, v in trainer.callback_metrics.items()
+                               if k.startswith("train/"))
+            print(f"epoch {trainer.current_epoch} step {step} {metrics} {rate:.1f} img/s", flush=True)
+            self._t0, self._images = now, 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = " ".join(f"{k}={float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith("val/"))
+        print(f"validation epoch {trainer.current_epoch} step {trainer.global_step}: {metrics}", flush=True)
+
+
+def ema_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The exportable network weights of a trainer checkpoint: ``ema.*`` if present, else ``net.*``.
+
+    Returns ``(state_dict without the prefix, prefix used)``.
+    """
+    sd = checkpoint["state_dict"]
+    prefix = "ema." if any(k.startswith("ema.") for k in sd) else "net."
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, prefix.rstrip(".")
+
+
+__all__ = ["DiffusionTrainer", "ClassifierTrainer", "PrintProgress", "build_network", "ema_state_dict"]
