@@ -171,7 +171,8 @@ def kernel_distance(real, fake, *, subsets: int = 100, subset_size: int = 1000, 
     for _ in range(subsets):
         a = x[torch.randperm(x.shape[0], generator=gen)[:m]]
         b = y[torch.randperm(y.shape[0], generator=gen)[:m]]
-        kxx, kyy, kxy = ((a @ a.T) / d + coef) ** degree, ((b @ b.T) / d + coef) ** degree, ((a @ b.T) / d + coef) ** degree
+        kxx, kyy = ((a @ a.T) / d + coef) ** degree, ((b @ b.T) / d + coef) ** degree
+        kxy = ((a @ b.T) / d + coef) ** degree
         off = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
         vals.append((off - 2 * kxy.mean()).item())
     v = np.asarray(vals)

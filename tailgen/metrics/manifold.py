@@ -67,6 +67,7 @@ def _check_block(block_size: int) -> int:
     return int(block_size)
 
 
+@torch.no_grad()
 def knn_radii(x: torch.Tensor, ks: Sequence[int], block_size: int = 4096, squared: bool = True) -> torch.Tensor:
     """NND_k(x_i) for each k in ``ks``: tensor (len(ks), N), squared unless ``squared=False``.
 
@@ -94,12 +95,16 @@ def knn_radii(x: torch.Tensor, ks: Sequence[int], block_size: int = 4096, square
             if lo < hi:  # this tile holds part of the diagonal
                 idx = torch.arange(lo, hi, device=x.device)
                 d[idx - r0, idx - c0] = 0.0
-            cand = d if best is None else torch.cat([best, d], dim=1)
-            best = torch.topk(cand, min(keep, cand.shape[1]), dim=1, largest=False, sorted=True).values
+            tile_best = torch.topk(d, min(keep, d.shape[1]), dim=1, largest=False, sorted=True).values
+            if best is not None:
+                merged = torch.cat([best, tile_best], dim=1)
+                tile_best = torch.topk(merged, min(keep, merged.shape[1]), dim=1, largest=False, sorted=True).values
+            best = tile_best
         out[:, r0:r1] = best[:, ks].T
     return out if squared else out.sqrt()
 
 
+@torch.no_grad()
 def manifold_masks(real: torch.Tensor, fake: torch.Tensor, k_pr: int = 3, k_dc: int = 5, *,
                    inclusive: bool = True, block_size: int = 4096) -> dict[str, torch.Tensor]:
     """Per-point indicators behind `prdc` (for restricted metrics, e.g. coverage of rare-mode reals).

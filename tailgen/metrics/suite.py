@@ -152,8 +152,8 @@ class MetricSuite(nn.Module):
             elif name == "classwise":
                 metric.update(feats["pool"], labels)
             elif name == "tail":
-                logits = feats["logits"] if self.classifier is None else self.classifier(to_uint8_nchw(images))["logits"]
-                metric.update(logits, labels)
+                domain = feats if self.classifier is None else self.classifier(to_uint8_nchw(images))
+                metric.update(domain["logits"], labels)
 
     def update_real(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Real images fed in the loop (synchronised states) instead of, or overriding, the fixed reference."""
