@@ -159,3 +159,26 @@ def test_ddp_sync_two_processes_uneven(tmp_path):
     expected = single.compute()
     assert set(got) == set(expected)
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_precomputed_npz_statistics(tmp_path):
+    import numpy as np
+
+    from tailgen.metrics.fid import frechet_distance, gaussian_stats
+
+    ext = PixelFeatures()
+    real, real_y = _data(150, seed=0)
+    fake, fake_y = _data(120, seed=1)
+    mu, sigma = gaussian_stats(ext(_data(90, seed=5)[0])["pool"])  # "TF" statistics of another image set
+    mu_s, sigma_s = gaussian_stats(ext(_data(90, seed=5)[0])["spatial"])
+    path = tmp_path / "ref.npz"
+    np.savez(path, arr_0=real.permute(0, 2, 3, 1).numpy(), arr_1=real_y.numpy(), mu=mu, sigma=sigma, mu_s=mu_s,
+             sigma_s=sigma_s)
+    fake_pool = ext(fake)["pool"]
+    for use_stats in (True, False):
+        suite = MetricSuite.with_reference(["fid", "sfid", "recall"], ext, npz=path, cache_dir=tmp_path / "c",
+                                           use_npz_stats=use_stats)
+        suite.update(fake, fake_y)
+        out = suite.compute()
+        ref_stats = (mu, sigma) if use_stats else gaussian_stats(ext(real)["pool"])
+        assert out["fid"] == pytest.approx(frechet_distance(*ref_stats, *gaussian_stats(fake_pool)), rel=1e-6)

@@ -52,8 +52,8 @@ class MetricSuite(nn.Module):
             images with `update_real` (then pass ``feature_dims`` for fid/sfid).
         classifier: domain classifier for ``tail`` (its ``logits``); default: ``extractor``.
         num_classes: required for ``classwise`` and ``tail``.
-        use_npz_stats: use the reference's precomputed (mu, sigma) (ADM's TF statistics) for fid/sfid instead of
-            statistics of the reference features.
+        use_npz_stats: use the reference's precomputed (mu, sigma) (ADM's TF statistics) for fid/sfid even when
+            reference features exist (without features they are used anyway).
         compute_on_cpu: keep ``cat`` states on the host (torchmetrics option; saves accelerator memory).
     """
 
@@ -85,7 +85,7 @@ class MetricSuite(nn.Module):
                 raise ConfigError(f"{name}: feature dimension unknown; give a reference with '{key}' features or "
                                   f"statistics, or feature_dims={{'{key}': D}}")
             m[name] = FrechetDistance(dims[key], method=fid_method)
-            if use_npz_stats and key in ref.stats:
+            if key in ref.stats and (use_npz_stats or key not in ref.features):
                 m[name].set_reference(*ref.stats[key])
             elif key in ref.features:
                 m[name].set_reference(*gaussian_stats(ref.features[key]))
