@@ -24,6 +24,7 @@ classifier evaluated at t = 0 (``noised=False``). Validation reports accuracy at
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import torch
@@ -58,8 +59,11 @@ class _EMATrainer(L.LightningModule):
 
     net: nn.Module
 
-    def _init_common(self, lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last):
-        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+    def _init_common(self, lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last,
+                     lr_schedule="constant"):
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        self.lr, self.weight_decay, self.warmup_steps, self.lr_schedule = lr, weight_decay, warmup_steps, lr_schedule
         self.ema_decay, self.num_threads, self.channels_last = ema_decay, num_threads, channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -72,9 +76,16 @@ class _EMATrainer(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if self.warmup_steps <= 0:
+        if self.warmup_steps <= 0 and self.lr_schedule == "constant":
             return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self.lr_schedule == "cosine" else 0
+        warm = max(self.warmup_steps, 1)
+
+        def factor(s: int) -> float:  # linear warm-up, then constant or cosine decay to 0 over the run
+            f = min(1.0, (s + 1) / warm)
+            return f * 0.5 * (1.0 + math.cos(math.pi * min(s / total, 1.0))) if total else f
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()
@@ -109,16 +120,16 @@ class DiffusionTrainer(_EMATrainer):
         label_dropout: probability of replacing a label by the null label.
         vlb_weight: lambda of L_hybrid (used only with learned sigma).
         lr, weight_decay, warmup_steps: AdamW and linear warm-up.
+        lr_schedule: "constant" (after warm-up) or "cosine" (decay to 0 over ``trainer.estimated_stepping_batches``).
         ema_decay: EMA decay (0 disables EMA).
         num_threads: ``torch.set_num_threads`` at setup (None leaves it).
         channels_last: run the network in channels-last memory format.
-        val_timesteps: number of evenly spaced t used by validation (one t per validation image, fixed noise).
     """
 
     def __init__(self, network: dict, diffusion: dict | None = None, arch: str = "adm", num_classes: int = 10,
                  label_dropout: float = 0.1, vlb_weight: float = 1.0, lr: float = 2e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 200, ema_decay: float = 0.9995, num_threads: int | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, lr_schedule: str = "constant"):
         super().__init__()
         self.save_hyperparameters()
         self.process = DiffusionProcess.from_flags(**(diffusion or {}))
@@ -131,7 +142,7 @@ class DiffusionTrainer(_EMATrainer):
             raise ConfigError(f"label dropout needs a null label: set network.num_classes = {num_classes + 1} "
                               f"({num_classes} classes + the null label {num_classes})")
         self.net = build_network("model", arch, network)
-        self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last)
+        self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last, lr_schedule)
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         """Replace each label by the null label ``num_classes`` with probability ``label_dropout``."""
@@ -189,13 +200,15 @@ class ClassifierTrainer(_EMATrainer):
         small_t: validation "small t" range, t ~ U{0..small_t-1}.
         val_t: fixed t values at which validation accuracy is reported (noised only).
         random_flip: horizontal flip augmentation (images only).
-        lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last: as :class:`DiffusionTrainer`.
+        lr, weight_decay, warmup_steps, lr_schedule, ema_decay, num_threads, channels_last: as
+            :class:`DiffusionTrainer`.
     """
 
     def __init__(self, network: dict, diffusion: dict | None = None, arch: str = "adm", noised: bool = True,
                  t_max: int | None = None, small_t: int = 100, val_t: list[int] | None = None,
                  random_flip: bool = False, lr: float = 3e-4, weight_decay: float = 0.05, warmup_steps: int = 100,
-                 ema_decay: float = 0.0, num_threads: int | None = None, channels_last: bool = False):
+                 ema_decay: float = 0.0, num_threads: int | None = None, channels_last: bool = False,
+                 lr_schedule: str = "constant"):
         super().__init__()
         self.save_hyperparameters()
         self.process = DiffusionProcess.from_flags(**(diffusion or {}))
@@ -204,7 +217,7 @@ class ClassifierTrainer(_EMATrainer):
         self.small_t = small_t
         self.val_t = list(val_t) if val_t is not None else ([0, 100, 250, 500, 750] if noised else [0])
         self.net = build_network("classifier", arch, network)
-        self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last)
+        self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last, lr_schedule)
 
     def _logits(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         x = x0 if noise is None else self.process.q_sample(x0, t, noise)

@@ -1,0 +1,88 @@
+"""Export a trainer checkpoint's EMA weights as a plain float16 state dict under ``tailgen/weights/``.
+
+    python tools/export_weights.py runs/fashion_clean_classifier/checkpoints/last.ckpt --name fashion_clean_classifier \
+        [--meta '{"test_accuracy": 0.91}'] [--out tailgen/weights] [--fp32]
+
+Writes ``<out>/<name>.pt`` (tensors only; loads with ``torch.load(weights_only=True)``; floating tensors in
+float16 unless --fp32, which ``tailgen.models.checkpoint.load_into`` upcasts) and ``<out>/<name>.json``:
+``{"name", "kind": "model" | "classifier", "arch": "adm" | "toy_mlp", "flags": builder flags, "diffusion": flags,
+"num_classes", "null_label", "trainer": hyper-parameters, "source": {checkpoint, global_step, epoch, weights},
+"dtype", "num_params", "meta": {...}}``. The exported file is checked by rebuilding the network from the JSON
+flags and loading it strictly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from tailgen.module.train import build_network, ema_state_dict
+from tailgen.utils.io import atomic_write
+
+_KINDS = {"DiffusionTrainer": "model", "ClassifierTrainer": "classifier"}
+
+
+def export(ckpt_path: str | Path, name: str, out: str | Path = "tailgen/weights", fp16: bool = True,
+           meta: dict | None = None) -> tuple[Path, Path]:
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hp = dict(ckpt["hyper_parameters"])
+    class_path = str(hp.get("_class_path", ""))
+    kind = next((k for cls, k in _KINDS.items() if class_path.endswith(cls)), None)
+    if kind is None:
+        kind = "model" if "label_dropout" in hp else "classifier"
+    sd, which = ema_state_dict(ckpt)
+    sd = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    arch, flags = hp.get("arch", "adm"), dict(hp["network"])
+    net = build_network(kind, arch, flags)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+    out = Path(out)
+    pt, js = out / f"{name}.pt", out / f"{name}.json"
+    atomic_write(pt, lambda p: torch.save(sd, p))
+    num_classes = hp.get("num_classes", flags.get("num_classes"))
+    info = {
+        "name": name,
+        "kind": kind,
+        "arch": arch,
+        "flags": flags,
+        "diffusion": dict(hp.get("diffusion") or {}),
+        "num_classes": num_classes if kind == "model" else flags.get("num_classes"),
+        "null_label": num_classes if kind == "model" and hp.get("label_dropout", 0) > 0 else None,
+        "trainer": {k: v for k, v in hp.items() if k not in ("network", "diffusion") and not k.startswith("_")},
+        "source": {"checkpoint": str(ckpt_path), "global_step": int(ckpt.get("global_step", -1)),
+                   "epoch": int(ckpt.get("epoch", -1)), "weights": which},
+        "dtype": "float16" if fp16 else "float32",
+        "num_params": int(sum(p.numel() for p in net.parameters())),
+        "meta": meta or {},
+    }
+    atomic_write(js, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+    return pt, js
+
+
+def load_exported(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """``(network in eval mode, float32, info JSON)`` for ``<name>.pt`` / ``<name>.json`` written by :func:`export`."""
+    from tailgen.models.checkpoint import load_into, load_state_dict_file
+
+    pt = Path(path).with_suffix(".pt")
+    info = json.loads(pt.with_suffix(".json").read_text())
+    net = build_network(info["kind"], info["arch"], info["flags"])
+    load_into(net, load_state_dict_file(pt), device=device)
+    return net.float().eval().requires_grad_(False), info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--out", default="tailgen/weights")
+    ap.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 storage)")
+    ap.add_argument("--meta", default="{}", help="JSON dict stored under 'meta' (measured accuracies, commands)")
+    a = ap.parse_args(argv)
+    pt, js = export(a.checkpoint, a.name, a.out, fp16=not a.fp32, meta=json.loads(a.meta))
+    print(f"wrote {pt} ({pt.stat().st_size / 1e6:.2f} MB) and {js}")
+
+
+if __name__ == "__main__":
+    main()
