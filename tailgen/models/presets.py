@@ -11,6 +11,9 @@ README sets it; override it with `flags={"use_fp16": False}` for float32 torsos.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -23,11 +26,15 @@ from tailgen.models.adm import (
     model_defaults,
     superres_defaults,
 )
+from tailgen.models.toy import ToyClassifier, ToyDenoiser
 from tailgen.utils import ConfigError
 
 OFFICIAL_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
-BUILDERS = {"model": create_model, "classifier": create_classifier, "upsampler": create_superres_model}
-_DEFAULTS = {"model": model_defaults, "classifier": classifier_defaults, "upsampler": superres_defaults}
+BUILDERS = {"model": create_model, "classifier": create_classifier, "upsampler": create_superres_model,
+            "toy_denoiser": ToyDenoiser, "toy_classifier": ToyClassifier}
+_DEFAULTS = {"model": model_defaults, "classifier": classifier_defaults, "upsampler": superres_defaults,
+             "toy_denoiser": dict, "toy_classifier": dict}
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 PRESETS: dict[str, dict] = {}
 _MANIFEST_CACHE: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -144,3 +151,20 @@ def preset_manifest(name: str) -> dict[str, tuple[int, ...]]:
 def presets_matching(manifest: dict[str, tuple[int, ...]]) -> list[str]:
     """Names of the presets whose key -> shape layout equals `manifest` exactly (key order ignored)."""
     return [name for name in PRESETS if preset_manifest(name) == manifest]
+
+
+def register_shipped_weights(directory: Path = WEIGHTS_DIR) -> list[str]:
+    """Register tailgen's own trained networks: each ``<name>.json`` (kind, flags, diffusion, sampling, ...)
+    beside its ``<name>.pt`` becomes preset ``name`` whose ``weights`` load when no checkpoint is given."""
+    names = []
+    for meta_path in sorted(Path(directory).glob("*.json")):
+        meta = json.loads(meta_path.read_text())
+        weights = meta_path.with_suffix(".pt")
+        extra = {k: v for k, v in meta.items() if k not in ("kind", "flags", "diffusion")}
+        register_preset(meta_path.stem, meta["kind"], meta["flags"], meta.get("diffusion", {}),
+                        file=weights.name, weights=str(weights), **extra)
+        names.append(meta_path.stem)
+    return names
+
+
+register_shipped_weights()

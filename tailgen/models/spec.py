@@ -62,14 +62,21 @@ class NetworkSpec:
             base["learn_sigma"] = self.flags_resolved["learn_sigma"]
         return base
 
+    @property
+    def sampling(self) -> dict:
+        """The preset's sampling facts (e.g. ``num_classes`` without the null label, ``null_label``)."""
+        return dict((self._preset or {}).get("sampling") or {})
+
     def build(self, device="cpu") -> nn.Module:
         """Network on `device`, weights loaded when a checkpoint is given, `.eval()`, `requires_grad_(False)`.
 
+        Without a checkpoint, the weights shipped with a tailgen preset are used (``tailgen/weights``).
         With a checkpoint the network is built on the meta device and materialised from the file (no random
         initialisation, no second copy)."""
-        if self.checkpoint:
+        checkpoint = self.checkpoint or (self._preset or {}).get("weights")
+        if checkpoint:
             model = build_network(self.kind, self.flags_resolved, device="meta")
-            load_checkpoint(model, self.checkpoint, prefix=self.prefix, device=device)
+            load_checkpoint(model, checkpoint, prefix=self.prefix, device=device)
         else:
             model = build_network(self.kind, self.flags_resolved, device=device)
         return model.eval().requires_grad_(False)

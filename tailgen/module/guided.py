@@ -37,6 +37,8 @@ class GuidedDiffusion(L.LightningModule):
         clip_denoised: clamp x0_hat to [-1, 1] at every step (guided-diffusion's default).
         guidances: named guidances, applied in the mapping's order; names make them addressable from the
             command line and sweeps: ``--model.guidances.<name>.init_args.scale=0.7``.
+        num_classes: the real classes (labels 0..C-1); default: the preset's, else the network's label count
+            (a network trained with label dropout has one more row, the null label).
         progress: show a progress bar over sampler steps.
     """
 
@@ -50,6 +52,7 @@ class GuidedDiffusion(L.LightningModule):
         eta: float = 0.0,
         clip_denoised: bool = True,
         guidances: Optional[dict[str, Guidance]] = None,
+        num_classes: Optional[int] = None,
         progress: bool = True,
     ):
         super().__init__()
@@ -64,8 +67,11 @@ class GuidedDiffusion(L.LightningModule):
         self.classifier_net = classifier.build() if classifier is not None else None
         self.uncond_net = unconditional.build() if unconditional is not None else None
         flags = network.flags_resolved
-        self.num_classes: Optional[int] = flags.get("num_classes", 1000) if flags.get("class_cond", False) else None
-        self.image_shape = (flags.get("in_channels", 3), flags["image_size"], flags["image_size"])
+        class_cond = flags.get("class_cond", network.kind == "toy_denoiser")
+        num_classes = num_classes or network.sampling.get("num_classes") or flags.get("num_classes", 1000)
+        self.num_classes: Optional[int] = num_classes if class_cond else None
+        self.image_shape = ((flags.get("in_channels", 3), flags["image_size"], flags["image_size"])
+                            if "image_size" in flags else (flags.get("in_dim", 2),))
         self.sampler, self.eta, self.clip_denoised, self.progress = sampler, eta, clip_denoised, progress
         self.guidances = dict(guidances or {})
         self.stack = GuidanceStack(list(self.guidances.values()))
