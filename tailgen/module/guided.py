@@ -6,6 +6,7 @@ Lightning handles devices, DDP and precision; everything below this file is plai
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import lightning as L
@@ -17,9 +18,10 @@ from tailgen.diffusion.noise import NoiseSource, SeededNoise
 from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.models.spec import NetworkSpec
+from tailgen.module.evaluation import Evaluation, as_floats, format_table, write_report
 from tailgen.sampling import SAMPLERS
 from tailgen.utils import ConfigError
-from tailgen.utils.images import to_uint8
+from tailgen.utils.images import make_grid, to_uint8
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
 
@@ -39,6 +41,7 @@ class GuidedDiffusion(L.LightningModule):
             command line and sweeps: ``--model.guidances.<name>.init_args.scale=0.7``.
         num_classes: the real classes (labels 0..C-1); default: the preset's, else the network's label count
             (a network trained with label dropout has one more row, the null label).
+        evaluation: what ``tailgen test`` measures (metrics, features, reference data).
         progress: show a progress bar over sampler steps.
     """
 
@@ -53,12 +56,13 @@ class GuidedDiffusion(L.LightningModule):
         clip_denoised: bool = True,
         guidances: Optional[dict[str, Guidance]] = None,
         num_classes: Optional[int] = None,
+        evaluation: Optional[Evaluation] = None,
         progress: bool = True,
     ):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-        self.save_hyperparameters(ignore=["guidances"])
+        self.save_hyperparameters(ignore=["guidances", "evaluation"])
         diffusion = dict(diffusion or {})
         if isinstance(diffusion.get("timestep_respacing"), int):  # `--model.diffusion.timestep_respacing=250`
             diffusion["timestep_respacing"] = str(diffusion["timestep_respacing"])
@@ -73,6 +77,7 @@ class GuidedDiffusion(L.LightningModule):
         self.image_shape = ((flags.get("in_channels", 3), flags["image_size"], flags["image_size"])
                             if "image_size" in flags else (flags.get("in_dim", 2),))
         self.sampler, self.eta, self.clip_denoised, self.progress = sampler, eta, clip_denoised, progress
+        self.evaluation, self.suite = evaluation, None
         self.guidances = dict(guidances or {})
         self.stack = GuidanceStack(list(self.guidances.values()))
         self.stack.validate(sampler=sampler, has_classifier=self.classifier_net is not None,
@@ -124,3 +129,33 @@ class GuidedDiffusion(L.LightningModule):
         images = self.sample(batch["label"], batch["seed"])
         return {"images": to_uint8(images).cpu(), "labels": batch["label"].cpu(), "seeds": batch["seed"].cpu(),
                 "indices": batch["index"].cpu()}
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+
+    def setup(self, stage: str) -> None:
+        if stage == "test":
+            if self.evaluation is None:
+                raise ConfigError("tailgen test needs model.evaluation (metrics, features, reference): "
+                                  "add e.g. --config configs/fashion/eval.yaml")
+            self.suite = self.evaluation.build_suite(self.num_classes)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> None:
+        if "images" in batch:  # evaluating an existing samples.npz
+            images = batch["images"]
+        else:
+            images = to_uint8(self.sample(batch["label"], batch["seed"]))
+        labels = batch["label"] if (batch["label"] >= 0).all() else None
+        self.suite.update(images.permute(0, 3, 1, 2), labels)
+        if batch_idx == 0 and self.logger is not None and hasattr(self.logger, "log_image"):
+            self.logger.log_image("test/samples", [make_grid(images[:64].cpu().numpy())])
+
+    def on_test_epoch_end(self) -> None:
+        values = as_floats(self.suite.compute())  # synchronised across ranks: same values everywhere
+        self.log_dict(values, sync_dist=False)
+        if self.trainer.is_global_zero:
+            out = Path(self.evaluation.output)
+            if not out.is_absolute():
+                out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / out
+            write_report(values, out)
+            print(f"\n{format_table(values)}\nmetrics written to {out}")
+        self.suite.reset()

@@ -1,0 +1,101 @@
+"""What ``tailgen test`` measures: a typed, YAML-buildable description of the metric suite, its feature
+extractor and its real reference data, plus the report (table on stdout, ``metrics.json``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+
+from tailgen.metrics.features import ClassifierFeatures
+from tailgen.metrics.reference import DEFAULT_CACHE_DIR
+from tailgen.metrics.suite import MetricSuite
+from tailgen.models.spec import NetworkSpec
+from tailgen.utils import ConfigError
+from tailgen.utils.io import atomic_write
+
+DEFAULT_METRICS = ("fid", "precision", "recall", "density", "coverage", "classwise", "tail")
+HEADLINE = ("fid", "sfid", "is", "precision", "recall", "density", "coverage", "kid",
+            "classwise/recall_mean", "classwise/coverage_mean", "classwise/fid_mean",
+            "tail/accuracy", "tail/confidence", "tail/low_conf_share")
+
+
+class Evaluation:
+    """Metric configuration of ``tailgen test``.
+
+    Args:
+        metrics: among fid, sfid, is, precision, recall, density, coverage, kid, classwise, tail.
+        features: ``classifier`` (penultimate features of ``feature_network``: the domain features used for
+            Fashion-MNIST) or ``inception`` (torch-fidelity's FID Inception; ImageNet).
+        feature_network: the clean classifier for ``classifier`` features; also judges class accuracy /
+            confidence of samples for ``tail`` (with ``inception`` features it is required for ``tail``).
+        reference: real data: ``fashion_mnist:test`` / ``fashion_mnist:train``, a guided-diffusion reference batch
+            ``.npz`` (images and/or mu/sigma), or an image folder.
+        max_reference: use only the first N reference images (None: all).
+        inception_weights: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (default: torch hub cache).
+        cache_dir: where reference features are cached (keyed by content hash and extractor).
+        output: where the metrics JSON is written (relative paths go under the trainer's log dir).
+        low_conf_threshold: a sample is "low confidence" when the clean classifier's p(y|x) is below this.
+    """
+
+    def __init__(self, metrics: Sequence[str] = DEFAULT_METRICS, features: Literal["classifier", "inception"] = "classifier",
+                 feature_network: Optional[NetworkSpec] = None, reference: str = "fashion_mnist:test",
+                 max_reference: Optional[int] = None, inception_weights: Optional[str] = None,
+                 cache_dir: Optional[str] = str(DEFAULT_CACHE_DIR), output: str = "metrics.json",
+                 low_conf_threshold: float = 0.5):
+        if features == "classifier" and feature_network is None:
+            raise ConfigError("evaluation.features=classifier needs evaluation.feature_network (a clean classifier)")
+        self.metrics, self.features, self.feature_network = list(metrics), features, feature_network
+        self.reference, self.max_reference, self.inception_weights = reference, max_reference, inception_weights
+        self.cache_dir, self.output, self.low_conf_threshold = cache_dir, output, low_conf_threshold
+
+    def reference_source(self) -> dict:
+        """``build_reference`` keyword for the configured reference data."""
+        if self.reference.startswith("fashion_mnist"):
+            from tailgen.data.fashion_mnist import load_fashion_mnist
+
+            split = self.reference.partition(":")[2] or "test"
+            images, labels = load_fashion_mnist(split)
+            n = self.max_reference or len(images)
+            return {"images": images[:n, None], "labels": labels[:n]}
+        path = Path(self.reference).expanduser()
+        if path.suffix == ".npz":
+            return {"npz": path}
+        if path.is_dir():
+            return {"folder": path}
+        raise ConfigError(f"evaluation.reference {self.reference!r}: use fashion_mnist:test, a reference .npz or a folder")
+
+    def build_suite(self, num_classes: Optional[int]) -> MetricSuite:
+        """The metric suite with its reference features (cached on disk)."""
+        clean = None
+        if self.feature_network is not None:
+            clean = ClassifierFeatures(self.feature_network.build(), timestep=0, name=self.feature_network.preset)
+        if self.features == "inception":
+            from tailgen.metrics.inception import InceptionFeatures
+
+            extractor = InceptionFeatures(self.inception_weights, spatial="sfid" in self.metrics)
+        else:
+            extractor = clean
+        return MetricSuite.with_reference(self.metrics, extractor, classifier=clean, num_classes=num_classes,
+                                          cache_dir=self.cache_dir, low_conf_threshold=self.low_conf_threshold,
+                                          **self.reference_source())
+
+
+def format_table(values: dict[str, float]) -> str:
+    """The headline metrics first, then per-class means; per-class entries stay in metrics.json."""
+    rows = [(k, values[k]) for k in HEADLINE if k in values]
+    rows += [(k, v) for k, v in values.items() if k not in HEADLINE and not k.startswith("class/")]
+    width = max((len(k) for k, _ in rows), default=10)
+    return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in rows)
+
+
+def write_report(values: dict[str, float], path: Path) -> Path:
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(clean, indent=2, sort_keys=True)))
+
+
+def as_floats(values: dict) -> dict[str, float]:
+    return {k: float(np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)) for k, v in values.items()}
