@@ -1,4 +1,5 @@
-"""MetricSuite: names, dispatch, merge == one-shot, and a real 2-process gloo DDP sync with uneven shards."""
+"""MetricSuite: names, dispatch, merge == one-shot, and a real 2-process gloo DDP sync (uneven shards, and one
+rank without samples)."""
 
 import json
 import math
@@ -142,9 +143,12 @@ def _ddp_worker(rank, world, port, out_path):
             suite.update(images[cut:80], labels[cut:80])
             suite.update(images[80:], labels[80:])
         out = suite.compute()  # collective: all ranks
+        empty_rank = _suite()  # rank 1 gets no samples at all (fewer samples than ranks)
         if rank == 0:
-            with open(out_path, "w") as f:
-                json.dump(out, f)
+            empty_rank.update(images, labels)
+        out_empty = empty_rank.compute()
+        with open(f"{out_path}.{rank}", "w") as f:  # every rank must hold the same synced values
+            json.dump({"uneven": out, "empty_rank": out_empty}, f)
     finally:
         dist.destroy_process_group()
 
@@ -152,13 +156,15 @@ def _ddp_worker(rank, world, port, out_path):
 def test_ddp_sync_two_processes_uneven(tmp_path):
     out_path = tmp_path / "ddp.json"
     mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out_path)), nprocs=2, start_method="spawn")
-    got = json.loads(out_path.read_text())
+    results = {f"{rank}/{k}": v for rank in (0, 1)
+               for k, v in json.loads(out_path.with_name(f"{out_path.name}.{rank}").read_text()).items()}
     single = _suite()
     images, labels = _data(120, seed=1)
     single.update(images, labels)
     expected = single.compute()
-    assert set(got) == set(expected)
-    assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    for got in results.values():
+        assert set(got) == set(expected)
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
 def test_precomputed_npz_statistics(tmp_path):

@@ -18,9 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torchmetrics import Metric
 
-from tailgen.metrics._states import cat_count, cat_state
+from tailgen.metrics._states import GatherSafeMetric, cat_count, cat_state
 from tailgen.metrics.fid import frechet_distance_features
 from tailgen.metrics.manifold import prdc
 from tailgen.utils import ConfigError, DataError
@@ -30,7 +29,7 @@ __all__ = ["ClassConditionalMetrics"]
 _MANIFOLD = ("precision", "recall", "density", "coverage")
 
 
-class ClassConditionalMetrics(Metric):
+class ClassConditionalMetrics(GatherSafeMetric):
     """``update(features, labels, real=False)``; reference via `set_reference`; ``compute() -> dict``.
 
     Args:

@@ -25,7 +25,7 @@ import scipy.linalg
 import torch
 from torchmetrics import Metric
 
-from tailgen.metrics._states import cat_count, cat_state
+from tailgen.metrics._states import GatherSafeMetric, cat_count, cat_state
 from tailgen.utils import ConfigError, DataError
 
 __all__ = ["gaussian_stats", "frechet_distance", "frechet_distance_features", "FrechetDistance",
@@ -179,7 +179,7 @@ def kernel_distance(real, fake, *, subsets: int = 100, subset_size: int = 1000, 
     return float(v.mean()), float(v.std())
 
 
-class KernelDistance(Metric):
+class KernelDistance(GatherSafeMetric):
     """KID on feature vectors; keeps all fake (and fed real) features as ``cat`` states."""
 
     is_differentiable = False

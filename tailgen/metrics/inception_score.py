@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torchmetrics import Metric
 
-from tailgen.metrics._states import cat_state
+from tailgen.metrics._states import GatherSafeMetric, cat_state
 from tailgen.utils import ConfigError, DataError
 
 __all__ = ["inception_score", "InceptionScore"]
@@ -42,7 +41,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10, split_size: int | No
     return float(t.mean()), float(t.std(unbiased=False)) if len(scores) > 1 else 0.0
 
 
-class InceptionScore(Metric):
+class InceptionScore(GatherSafeMetric):
     """IS from classifier logits (``cat`` state, gathered under DDP); ``compute() -> tensor`` (mean)."""
 
     is_differentiable = False

@@ -29,9 +29,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torchmetrics import Metric
 
-from tailgen.metrics._states import cat_count, cat_state
+from tailgen.metrics._states import GatherSafeMetric, cat_count, cat_state
 from tailgen.utils import ConfigError, DataError
 
 __all__ = ["prdc", "manifold_masks", "knn_radii", "PrecisionRecallDensityCoverage"]
@@ -159,7 +158,7 @@ def prdc(real_features: torch.Tensor, fake_features: torch.Tensor, k_pr: int = 3
     }
 
 
-class PrecisionRecallDensityCoverage(Metric):
+class PrecisionRecallDensityCoverage(GatherSafeMetric):
     """``update(features, real=False)``; ``compute() -> dict(precision, recall, density, coverage)`` (floats).
 
     Real features: `set_reference_features` (not a state; load it on every rank, e.g. ADM's 10k reference

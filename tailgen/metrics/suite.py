@@ -15,8 +15,8 @@ Output names: ``fid, sfid, is, precision, recall, density, coverage, kid, kid_st
 DDP: every metric is a torchmetrics `Metric` (sum states for FID statistics and tail counts, ``cat`` states for
 features/logits/labels, gathered with uneven per-rank sizes); `compute` syncs, so call it on all ranks and log
 the result without ``sync_dist``. Reference data is not state: pass the same `Reference` on every rank.
-Every rank must `update` at least once (an empty ``cat`` state cannot be gathered with 2-D features), and after the
-gather every rank runs the k-NN / Fréchet computation itself (same numbers, redundant work).
+A rank without samples is fine (`GatherSafeMetric`). After the gather every rank runs the k-NN / Fréchet
+computation itself (same numbers, redundant work).
 
 The extractors are deliberately *not* sub-modules: their weights (95 MB for Inception) stay out of the
 LightningModule's checkpoint, and they follow the images' device on the first `update`.
