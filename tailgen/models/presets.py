@@ -154,15 +154,19 @@ def presets_matching(manifest: dict[str, tuple[int, ...]]) -> list[str]:
 
 
 def register_shipped_weights(directory: Path = WEIGHTS_DIR) -> list[str]:
-    """Register tailgen's own trained networks: each ``<name>.json`` (kind, flags, diffusion, sampling, ...)
-    beside its ``<name>.pt`` becomes preset ``name`` whose ``weights`` load when no checkpoint is given."""
+    """Register tailgen's own trained networks: each ``<name>.json`` written by ``tools/export_weights.py``
+    (kind, arch, flags, diffusion, num_classes, null_label, ...) beside its ``<name>.pt`` becomes preset
+    ``name``, whose ``weights`` load when no checkpoint is given."""
     names = []
     for meta_path in sorted(Path(directory).glob("*.json")):
         meta = json.loads(meta_path.read_text())
-        weights = meta_path.with_suffix(".pt")
-        extra = {k: v for k, v in meta.items() if k not in ("kind", "flags", "diffusion")}
-        register_preset(meta_path.stem, meta["kind"], meta["flags"], meta.get("diffusion", {}),
-                        file=weights.name, weights=str(weights), **extra)
+        kind = meta["kind"]
+        if meta.get("arch") == "toy_mlp":
+            kind = "toy_denoiser" if kind == "model" else "toy_classifier"
+        sampling = {"num_classes": meta.get("num_classes"), "null_label": meta.get("null_label")}
+        register_preset(meta_path.stem, kind, meta["flags"], meta.get("diffusion", {}),
+                        file=meta_path.with_suffix(".pt").name, weights=str(meta_path.with_suffix(".pt")),
+                        sampling=sampling, info={k: meta.get(k) for k in ("source", "meta", "num_params")})
         names.append(meta_path.stem)
     return names
 
