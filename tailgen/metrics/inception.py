@@ -18,8 +18,10 @@ issue #109 reaches the same answer ("first 192 channels of Mixed_6d"). Not verif
 (a) we take the BasicConv2d output, i.e. after BN + ReLU; we believe the TF node named ``mixed_6/conv`` is that
 ReLU (its children are ``.../Conv2D`` and ``.../batchnorm``), but did not run TF to confirm; (b) channel order is
 taken as identical (the converter permutes conv weights HWIO -> OIHW only). One public port uses
-``Mixed_6e.branch1x1`` instead; we believe that is off by one block. The flatten order (h, w, c) only matters
-when comparing with ADM's precomputed ``mu_s``/``sigma_s`` (Fréchet distance is invariant to a permutation of
+``Mixed_6e.branch1x1`` instead; we believe that is off by one block. The 7 channels must be sliced on the
+channel axis of the NCHW tensor (a port of ADM's evaluator reported sFID 299 from a layout mistake, guided-diffusion
+#159, fixed in lavinal712/ADM-evaluation-suite-pytorch PR #2). The flatten order (h, w, c) only matters when
+comparing with ADM's precomputed ``mu_s``/``sigma_s`` (Fréchet distance is invariant to a permutation of
 coordinates applied to both sides).
 
 Resize: torch-fidelity's ``interpolate_bilinear_2d_like_tensorflow1x`` to 299 x 299 (TF1 ``ResizeBilinear``,
