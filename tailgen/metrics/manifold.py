@@ -40,7 +40,7 @@ def _prepare(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     x = torch.as_tensor(x)
     if x.dim() != 2:
         raise DataError(f"{name} features must be 2-D (N, D), got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(x.sum(dim=1)).all():  # row sums: no N x D temporary (NaN/inf propagate)
         raise DataError(f"{name} features contain NaN or inf")
     return x.to(dtype)
 
@@ -51,6 +51,11 @@ def _dtype(*xs: torch.Tensor) -> torch.dtype:
         if x.dtype == torch.float64:
             dt = torch.float64
     return dt
+
+
+def _sq_norms(x: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """Row-wise squared norms, computed in row blocks (no N x D temporary)."""
+    return torch.cat([(part * part).sum(1) for part in x.split(block)])
 
 
 def _sq_dist(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
@@ -82,7 +87,7 @@ def knn_radii(x: torch.Tensor, ks: Sequence[int], block_size: int = 4096, square
     keep = max(ks) + 1
     if n < keep:
         raise DataError(f"need more than k={max(ks)} feature vectors for k-NN radii, got {n}")
-    sq = (x * x).sum(1)
+    sq = _sq_norms(x)
     out = torch.empty(len(ks), n, dtype=x.dtype, device=x.device)
     for r0 in range(0, n, block_size):
         r1 = min(r0 + block_size, n)
@@ -122,7 +127,7 @@ def manifold_masks(real: torch.Tensor, fake: torch.Tensor, k_pr: int = 3, k_dc: 
     r_pr, r_dc = r_radii[0], r_radii[1]
     f_pr = knn_radii(fake, [k_pr], block_size)[0]
     n, m = real.shape[0], fake.shape[0]
-    r_sq, f_sq = (real * real).sum(1), (fake * fake).sum(1)
+    r_sq, f_sq = _sq_norms(real), _sq_norms(fake)
     dev = real.device
     fake_in_real = torch.zeros(m, dtype=torch.bool, device=dev)
     fake_count = torch.zeros(m, dtype=torch.long, device=dev)
