@@ -61,3 +61,26 @@ def test_scatter_png(tmp_path):
     x, y, _ = toy.sample(500, generator=torch.Generator().manual_seed(0))
     toy.scatter_png(tmp_path / "s.png", x, y, title="truth")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_preconditioned_denoiser_is_gaussian_optimal_at_init():
+    from tailgen.models.toy import discrete_alphas_cumprod
+
+    net = ToyDenoiser(precondition=True)  # zero-initialised head: eps = c_skip x = E[eps | x_t] for N(0, I) data
+    abar = discrete_alphas_cumprod("cosine", 1000)
+    x = torch.randn(4, 2)
+    for t in (0, 500, 999):
+        expect = x * (1 - abar[t]) ** 0.5 / (abar[t] + 1 - abar[t])
+        torch.testing.assert_close(net(x, t, None), expect.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(net(x, 999, None), x, atol=1e-4, rtol=1e-4)  # pure noise: eps = x_t
+
+
+def test_toy_schedule_matches_process():
+    import numpy as np
+
+    from tailgen.diffusion.process import DiffusionProcess
+    from tailgen.models.toy import discrete_alphas_cumprod
+
+    for name in ("cosine", "linear"):
+        np.testing.assert_allclose(discrete_alphas_cumprod(name, 1000),
+                                   DiffusionProcess.from_flags(noise_schedule=name).alphas_cumprod, rtol=1e-12)
