@@ -123,3 +123,13 @@ def test_bad_configs_give_one_clear_message(tmp_path, capsys, case, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err
+
+
+@pytest.mark.parametrize("flags", [["--trainer.precision=bf16-mixed"], ["--trainer.inference_mode=true"]],
+                         ids=["bf16-mixed", "inference_mode"])
+def test_guided_predict_under_precision_and_inference_mode(tmp_path, flags):
+    """Classifier guidance needs gradients: it works under autocast and when the trainer runs in inference mode."""
+    config = write_config(tmp_path, data={"num_samples": 2})
+    main(["predict", "--config", str(config), *flags])
+    images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
+    assert images.shape == (2, 32, 32, 3) and images.std() > 0
