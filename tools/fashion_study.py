@@ -60,6 +60,7 @@ def run(name: str, guidances: dict, args) -> dict:
              f"--data.init_args.batch_size={args.batch_size}", f"--data.init_args.seed={args.seed}",
              f"--model.init_args.diffusion={{timestep_respacing: '{args.steps}'}}",
              f"--model.init_args.evaluation.init_args.output={metrics}",
+             f"--model.init_args.evaluation.init_args.max_reference={args.max_reference or 'null'}",
              "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={out}"])
     return json.loads(metrics.read_text())
 
@@ -79,6 +80,8 @@ def report(results: dict[str, dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, y in zip(axes, ("recall", "classwise/coverage_mean")):
         for name, values in results.items():
+            if values.get(y) is None or values.get("fid") is None:
+                continue
             ax.scatter(values["fid"], values[y])
             ax.annotate(name, (values["fid"], values[y]), fontsize=7)
         ax.set_xlabel("FID (domain features)")
@@ -94,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-reference", type=int, default=None,
+                    help="first N test images as the real set (k-NN recall is biased when the sizes differ a lot)")
     ap.add_argument("--runs", nargs="*", default=list(RUNS))
     args = ap.parse_args(argv)
     from tqdm import tqdm
