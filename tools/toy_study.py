@@ -181,6 +181,10 @@ def select_best(results: dict[str, dict], candidates: list[str], base: str = "un
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+def _npz_key(name: str) -> str:
+    return name.replace(" ", "_").replace("#", "n")
+
+
 def _run_many(configs: dict[str, tuple[str, Factory]], args, ref, clf, results, samples) -> None:
     from tqdm import tqdm
 
@@ -208,10 +212,21 @@ def main(argv=None) -> int:
     ap.add_argument("--denoiser", default=DENOISER)
     ap.add_argument("--classifier", default=CLASSIFIER)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report-only", action="store_true", help="redo results.md and plots from --out's files")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from toy_study_report import write_report
+
+    if args.report_only:
+        summary = json.loads((out / "results.json").read_text())
+        with np.load(out / "samples.npz") as z:
+            samples = {k: z[_npz_key(k)] for k in summary["configs"]}
+            labels = torch.from_numpy(z["labels"])
+        write_report(summary, samples, labels, out)
+        return 0
 
     null_label = NetworkSpec(preset=args.denoiser).sampling.get("null_label")
     base = grid(null_label)
@@ -255,10 +270,7 @@ def main(argv=None) -> int:
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     np.savez_compressed(out / "samples.npz", labels=balanced_labels(n).numpy(), real=rx.numpy(),
-                        **{k.replace(" ", "_").replace("#", "n"): v for k, v in samples.items()})
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from toy_study_report import write_report
-
+                        **{_npz_key(k): v for k, v in samples.items()})
     write_report(summary, samples, balanced_labels(n), out)
     print(f"best tail: {best_tail} (feasible={tail_ok}); best tail+x0: {best_combo} (feasible={combo_ok})")
     print(f"wrote {out}/results.json, results.md and plots in {summary['wall_seconds']} s")

@@ -114,7 +114,7 @@ def tradeoff(summary: dict, xkey: str, ykey: str, path: Path, xlabel: str, ylabe
         for name, r in cfgs.items():
             m = r["metrics"]
             xv, yv = max(m[xkey], 1e-5), m[ykey]
-            if k == 1 and base is not None and (yv < base[ykey] - 0.1 or xv > 20 * max(base[xkey], 1e-3)):
+            if k == 1 and base is not None and (yv < base[ykey] - 0.1 or xv > 50 * max(base[xkey], 1e-3)):
                 continue
             ax.scatter(xv, yv, color=FAMILY_COLORS.get(r["family"].replace("tail+", ""), "k"),
                        marker="*" if r["family"].startswith("tail+") else "o", s=30)
