@@ -11,6 +11,15 @@ from tailgen.utils import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small networks: one thread is fastest, and several threads stall badly on a loaded 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 TOY_DIFF = dict(diffusion_steps=1000, noise_schedule="cosine", learn_sigma=False, sigma_small=True)
 ADM_TINY = dict(image_size=28, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
                 attention_resolutions="14", num_head_channels=32, learn_sigma=True, class_cond=True, num_classes=11,

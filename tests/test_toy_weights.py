@@ -17,6 +17,15 @@ from tailgen.sampling import sample
 WEIGHTS = Path(__file__).resolve().parents[1] / "tailgen" / "weights"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny MLP batches: one thread is fastest, and several threads stall badly on a loaded 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _load(name, builder):
     pt = WEIGHTS / f"{name}.pt"
     if not pt.exists():
@@ -29,13 +38,13 @@ def _load(name, builder):
 def test_toy_denoiser_unguided_rare_shares():
     net, info = _load("toy_denoiser", create_toy_denoiser)
     process = DiffusionProcess.from_flags(**{**info["diffusion"], "timestep_respacing": "50"})
-    n = 6000
+    n = 3000
     labels = torch.arange(n) % 3
     torch.manual_seed(0)
     x = sample("ddpm", ADMDenoiser(net, process), torch.randn(n, 2), process, labels, clip_denoised=False)
     s = toy.mode_shares(x, labels)
     # truth (inside 3 sigma): rareA 6.9 %, rareB 3.0 %; the toy study's model gave 6.3 / 2.6 % at 20k samples.
-    # Binomial std per class-average at n=6000: rareA 0.33 pp, rareB 0.22 pp; model bias allowed on top.
+    # Binomial std of the class-averaged share at n=3000: rareA 0.47 pp, rareB 0.31 pp; model bias allowed on top.
     assert 0.045 < s["rareA"] < 0.095, s
     assert 0.015 < s["rareB"] < 0.045, s
     assert s["off"] < 0.03 and s["wrong_class"] < 0.01, s
@@ -44,7 +53,7 @@ def test_toy_denoiser_unguided_rare_shares():
 def test_toy_denoiser_null_label_is_unconditional():
     net, info = _load("toy_denoiser", create_toy_denoiser)
     process = DiffusionProcess.from_flags(**{**info["diffusion"], "timestep_respacing": "50"})
-    n = 3000
+    n = 1500
     torch.manual_seed(1)
     x = sample("ddpm", ADMDenoiser(net, process), torch.randn(n, 2), process, torch.full((n,), 3),
                clip_denoised=False)
