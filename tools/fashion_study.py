@@ -48,7 +48,7 @@ COLUMNS = ("fid", "precision", "recall", "density", "coverage", "classwise/recal
 
 def run(name: str, guidances: dict, args) -> dict:
     out = Path(args.out) / name
-    metrics = out / "metrics.json"
+    metrics = (out / "metrics.json").resolve()
     if metrics.exists():
         return json.loads(metrics.read_text())
     out.mkdir(parents=True, exist_ok=True)
