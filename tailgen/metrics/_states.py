@@ -50,3 +50,20 @@ class GatherSafeMetric(Metric):
             super()._sync_dist(process_group=process_group)
         else:
             super()._sync_dist(dist_sync_fn, process_group=process_group)
+
+
+class FeatureSetMetric(GatherSafeMetric):
+    """Base of metrics over two feature sets: generated (``fake_features``) and real (``real_features``, or a
+    fixed reference set with ``set_reference_features``). Both are ``cat`` states, gathered across ranks."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("fake_features", [], dist_reduce_fx="cat")
+        self.add_state("real_features", [], dist_reduce_fx="cat")
+        self._reference: torch.Tensor | None = None
+
+    def set_reference_features(self, features) -> None:
+        self._reference = torch.as_tensor(features).detach().float().cpu()
+
+    def update(self, features: torch.Tensor, real: bool = False) -> None:
+        (self.real_features if real else self.fake_features).append(features.detach().float().flatten(1))

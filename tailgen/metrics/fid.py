@@ -25,7 +25,7 @@ import scipy.linalg
 import torch
 from torchmetrics import Metric
 
-from tailgen.metrics._states import GatherSafeMetric, cat_count, cat_state
+from tailgen.metrics._states import FeatureSetMetric, cat_count, cat_state
 from tailgen.utils import ConfigError, DataError
 
 __all__ = ["gaussian_stats", "frechet_distance", "frechet_distance_features", "FrechetDistance",
@@ -179,7 +179,7 @@ def kernel_distance(real, fake, *, subsets: int = 100, subset_size: int = 1000, 
     return float(v.mean()), float(v.std())
 
 
-class KernelDistance(GatherSafeMetric):
+class KernelDistance(FeatureSetMetric):
     """KID on feature vectors; keeps all fake (and fed real) features as ``cat`` states."""
 
     is_differentiable = False
@@ -189,15 +189,6 @@ class KernelDistance(GatherSafeMetric):
     def __init__(self, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
-        self.add_state("fake_features", [], dist_reduce_fx="cat")
-        self.add_state("real_features", [], dist_reduce_fx="cat")
-        self._reference: torch.Tensor | None = None
-
-    def set_reference_features(self, features) -> None:
-        self._reference = torch.as_tensor(features).detach().float().cpu()
-
-    def update(self, features: torch.Tensor, real: bool = False) -> None:
-        (self.real_features if real else self.fake_features).append(features.detach().float().flatten(1))
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         fake = cat_state(self.fake_features)

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from tailgen.metrics._states import GatherSafeMetric, cat_count, cat_state
+from tailgen.metrics._states import FeatureSetMetric, cat_count, cat_state
 from tailgen.utils import ConfigError, DataError
 
 __all__ = ["prdc", "manifold_masks", "knn_radii", "PrecisionRecallDensityCoverage"]
@@ -163,7 +163,7 @@ def prdc(real_features: torch.Tensor, fake_features: torch.Tensor, k_pr: int = 3
     }
 
 
-class PrecisionRecallDensityCoverage(GatherSafeMetric):
+class PrecisionRecallDensityCoverage(FeatureSetMetric):
     """``update(features, real=False)``; ``compute() -> dict(precision, recall, density, coverage)`` (floats).
 
     Real features: `set_reference_features` (not a state; load it on every rank, e.g. ADM's 10k reference
@@ -177,15 +177,6 @@ class PrecisionRecallDensityCoverage(GatherSafeMetric):
     def __init__(self, k_pr: int = 3, k_dc: int = 5, *, inclusive: bool = True, block_size: int = 4096, **kwargs):
         super().__init__(**kwargs)
         self.k_pr, self.k_dc, self.inclusive, self.block_size = k_pr, k_dc, inclusive, block_size
-        self.add_state("fake_features", [], dist_reduce_fx="cat")
-        self.add_state("real_features", [], dist_reduce_fx="cat")
-        self._reference: torch.Tensor | None = None
-
-    def set_reference_features(self, features) -> None:
-        self._reference = torch.as_tensor(features).detach().float().cpu()
-
-    def update(self, features: torch.Tensor, real: bool = False) -> None:
-        (self.real_features if real else self.fake_features).append(features.detach().float().flatten(1))
 
     def compute(self) -> dict[str, float]:
         fake = cat_state(self.fake_features)
