@@ -60,7 +60,11 @@ class _EMATrainer(L.LightningModule):
     net: nn.Module
 
     def _init_common(self, lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last,
-                     lr_schedule="constant"):
+                     lr_schedule="constant", init_from=None):
+        if init_from:  # fine-tune from exported weights: network and EMA start there, EMA at full decay
+            from tailgen.models.checkpoint import load_checkpoint
+
+            load_checkpoint(self.net, init_from)
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.lr, self.weight_decay, self.warmup_steps, self.lr_schedule = lr, weight_decay, warmup_steps, lr_schedule
@@ -68,7 +72,9 @@ class _EMATrainer(L.LightningModule):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval() if ema_decay > 0 else None
-        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        # an EMA that starts from trained weights must not restart its (1 + n) / (10 + n) warm-up
+        start = 10**6 if init_from else 0
+        self.register_buffer("ema_updates", torch.full((), start, dtype=torch.long))
 
     def setup(self, stage: str) -> None:
         if self.num_threads:
@@ -124,12 +130,14 @@ class DiffusionTrainer(_EMATrainer):
         ema_decay: EMA decay (0 disables EMA).
         num_threads: ``torch.set_num_threads`` at setup (None leaves it).
         channels_last: run the network in channels-last memory format.
+        init_from: a weights file (e.g. ``tailgen/weights/fashion_diffusion.pt``) to start from instead of a
+            random initialisation; the EMA starts from it too, at full decay (fine-tuning a shipped model).
     """
 
     def __init__(self, network: dict, diffusion: dict | None = None, arch: str = "adm", num_classes: int = 10,
                  label_dropout: float = 0.1, vlb_weight: float = 1.0, lr: float = 2e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 200, ema_decay: float = 0.9995, num_threads: int | None = None,
-                 channels_last: bool = False, lr_schedule: str = "constant"):
+                 channels_last: bool = False, lr_schedule: str = "constant", init_from: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.process = DiffusionProcess.from_flags(**(diffusion or {}))
@@ -142,7 +150,8 @@ class DiffusionTrainer(_EMATrainer):
             raise ConfigError(f"label dropout needs a null label: set network.num_classes = {num_classes + 1} "
                               f"({num_classes} classes + the null label {num_classes})")
         self.net = build_network("model", arch, network)
-        self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last, lr_schedule)
+        self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last, lr_schedule,
+                          init_from)
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         """Replace each label by the null label ``num_classes`` with probability ``label_dropout``."""
@@ -200,7 +209,7 @@ class ClassifierTrainer(_EMATrainer):
         small_t: validation "small t" range, t ~ U{0..small_t-1}.
         val_t: fixed t values at which validation accuracy is reported (noised only).
         random_flip: horizontal flip augmentation (images only).
-        lr, weight_decay, warmup_steps, lr_schedule, ema_decay, num_threads, channels_last: as
+        lr, weight_decay, warmup_steps, lr_schedule, ema_decay, num_threads, channels_last, init_from: as
             :class:`DiffusionTrainer`.
     """
 
@@ -208,7 +217,7 @@ class ClassifierTrainer(_EMATrainer):
                  t_max: int | None = None, small_t: int = 100, val_t: list[int] | None = None,
                  random_flip: bool = False, lr: float = 3e-4, weight_decay: float = 0.05, warmup_steps: int = 100,
                  ema_decay: float = 0.0, num_threads: int | None = None, channels_last: bool = False,
-                 lr_schedule: str = "constant"):
+                 lr_schedule: str = "constant", init_from: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.process = DiffusionProcess.from_flags(**(diffusion or {}))
@@ -217,7 +226,8 @@ class ClassifierTrainer(_EMATrainer):
         self.small_t = small_t
         self.val_t = list(val_t) if val_t is not None else ([0, 100, 250, 500, 750] if noised else [0])
         self.net = build_network("classifier", arch, network)
-        self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last, lr_schedule)
+        self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last, lr_schedule,
+                          init_from)
 
     def _logits(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         x = x0 if noise is None else self.process.q_sample(x0, t, noise)
