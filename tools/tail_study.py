@@ -1,0 +1,180 @@
+"""Fashion-MNIST tail study v2 (docs/tail_study/PROTOCOL.md): one command, resumable, per-unit results.
+
+    python tools/tail_study.py run    [--plan configs/study/fashion_tail.yaml] [--out runs/tail_study]
+                                      [--stage grid|headline] [--only RUN ...] [--wandb] [--dry-run]
+    python tools/tail_study.py list   [--plan ...]                      # the expanded runs and their flags
+    python tools/tail_study.py report [--out runs/tail_study] [--docs docs/tail_study]   # tools/tail_study_report.py
+
+A *unit* is (run, N, seed set): ``tailgen predict`` writes ``<out>/<run>/n<N>_s<seed>/samples.npz`` (+ grid), then
+``tailgen test`` on those samples writes ``metrics.json`` beside them. A unit with a metrics.json is finished and
+skipped, so a killed study resumes where it stopped; every unit can be reproduced by hand from the command saved
+in its ``command.txt``. The model's weights digest is recorded per unit (``unit.json``) so every number names the
+model it comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _set_knob(guidances: dict, knob: str, value) -> dict:
+    name, arg = knob.split(".", 1)
+    out = copy.deepcopy(guidances)
+    out[name].setdefault("init_args", {})[arg] = value
+    return out
+
+
+def expand(plan: dict) -> dict[str, dict]:
+    """The plan's runs: ``{name: {"method", "value", "adm_g", "guidances"}}`` in plan order."""
+    methods, curve = plan["methods"], plan.get("curve", "adm_g")
+    cg = methods[curve]
+    runs: dict[str, dict] = {}
+    for method, spec in methods.items():
+        for value in spec["values"]:
+            for cg_scale in [None, *spec.get("with_adm_g", [])]:
+                if method == curve and value == 0:
+                    guidances = {}  # s = 0: unguided, no classifier work at all
+                else:
+                    guidances = _set_knob(spec["guidances"], spec["knob"], value)
+                name = f"{method}@{_fmt(value)}"
+                if cg_scale is not None:
+                    guidances = {**_set_knob(cg["guidances"], cg["knob"], cg_scale), **guidances}
+                    name += f"+{curve}@{_fmt(cg_scale)}"
+                runs[name] = {"method": method, "value": value, "adm_g": cg_scale, "guidances": guidances}
+    return runs
+
+
+def unit_dir(out: Path, run: str, n: int, seed: int) -> Path:
+    return out / run.replace("@", "_").replace("+", "__") / f"n{n}_s{seed}"
+
+
+def commands(plan: dict, run: dict, n: int, seed: int, folder: Path, wandb: bool) -> tuple[list[str], list[str]]:
+    """The ``tailgen predict`` and ``tailgen test`` argument lists of one unit."""
+    s = plan["setting"]
+    overlay = folder / "guidances.yaml"
+    common = ["--config", str(ROOT / s["base"]), "--config", str(overlay),
+              f"--data.init_args.num_samples={n}", f"--data.init_args.seed={seed}",
+              "--data.init_args.labels=balanced", f"--data.init_args.batch_size={s.get('batch_size', 250)}",
+              f"--model.init_args.diffusion={{timestep_respacing: '{s['steps']}'}}",
+              "--model.init_args.progress=false", "--trainer.enable_progress_bar=false",
+              f"--trainer.default_root_dir={folder}"]
+    predict = ["predict", *common, f"--writer.output_dir={folder}"]
+    evals = [a for e in s["eval"] for a in ("--config", str(ROOT / e))]
+    test = ["test", *common[:2], *evals, *common[2:], f"--data.init_args.samples={folder / 'samples.npz'}",
+            f"--model.init_args.evaluation.init_args.output={folder / 'metrics.json'}",
+            f"--model.init_args.evaluation.init_args.max_reference={n}"]
+    if wandb:
+        test += ["--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline=true",
+                 "--trainer.logger.project=tailgen-tail-study", f"--trainer.logger.save_dir={folder}",
+                 f"--trainer.logger.name={folder.parent.name}/{folder.name}"]
+    return predict, test
+
+
+def model_digest(plan: dict) -> dict:
+    """Which diffusion model the numbers come from: the base config's preset and its weights' sha256."""
+    from tailgen.models.spec import NetworkSpec
+    from tailgen.utils.io import file_digest
+
+    cfg = yaml.safe_load((ROOT / plan["setting"]["base"]).read_text())
+    network = cfg["model"]["init_args"]["network"]
+    spec = NetworkSpec(**network)
+    path = spec.checkpoint or (spec._preset or {}).get("weights")
+    return {"network": network, "weights_sha256": file_digest(path) if path else None}
+
+
+def run_unit(plan: dict, name: str, run: dict, n: int, seed: int, out: Path, wandb: bool, dry: bool) -> bool:
+    folder = unit_dir(out, name, n, seed)
+    if (folder / "metrics.json").exists():
+        return False
+    predict, test = commands(plan, run, n, seed, folder, wandb)
+    tailgen = [sys.executable, "-m", "tailgen.cli"]
+    text = "\n".join(shlex.join(["tailgen", *c]) for c in (predict, test))
+    if dry:
+        print(f"# {name} n={n} seed={seed}\n{text}")
+        return True
+    folder.mkdir(parents=True, exist_ok=True)
+    init_args = {**plan["setting"].get("model", {}), "guidances": run["guidances"]}
+    (folder / "guidances.yaml").write_text(yaml.safe_dump({"model": {"init_args": init_args}}))
+    (folder / "command.txt").write_text(text + "\n")
+    start = time.perf_counter()
+    for stage, argv in (("predict", predict), ("test", test)):
+        if stage == "predict" and (folder / "samples.npz").exists():
+            continue
+        with open(folder / f"{stage}.log", "w") as log:
+            rc = subprocess.call([*tailgen, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if rc != 0:
+            tail = (folder / f"{stage}.log").read_text().strip().splitlines()[-3:]
+            print(f"FAILED {name} n={n} seed={seed} at {stage} (exit {rc}): {' | '.join(tail)}", flush=True)
+            return True
+    info = {"run": name, **{k: run[k] for k in ("method", "value", "adm_g")}, "num_samples": n, "seed": seed,
+            "steps": plan["setting"]["steps"], "seconds": round(time.perf_counter() - start, 1),
+            "model": plan["_model"], "guidances": run["guidances"]}
+    (folder / "unit.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"done {name} n={n} seed={seed} in {info['seconds']:.0f} s", flush=True)
+    return True
+
+
+def load_plan(path: str) -> dict:
+    plan = yaml.safe_load(Path(path).read_text())
+    plan["_runs"] = expand(plan)
+    return plan
+
+
+def units(plan: dict, stage: str, only: list[str] | None) -> list[tuple[str, int, int]]:
+    s = plan["setting"]
+    names = list(plan["_runs"]) if stage == "grid" else list(plan.get("headline", []))
+    unknown = [r for r in (only or []) if r not in plan["_runs"]]
+    if unknown:
+        raise SystemExit(f"tail_study: unknown run(s) {unknown}; see `python tools/tail_study.py list`")
+    names = [r for r in names if not only or r in only]
+    n, seeds = s[stage]["num_samples"], s[stage]["seeds"]
+    return [(r, n, seed) for seed in seeds for r in names]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=["run", "list", "report"])
+    ap.add_argument("--plan", default=str(ROOT / "configs/study/fashion_tail.yaml"))
+    ap.add_argument("--out", default=str(ROOT / "runs/tail_study"))
+    ap.add_argument("--docs", default=str(ROOT / "docs/tail_study"))
+    ap.add_argument("--stage", choices=["grid", "headline"], default="grid")
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--wandb", action="store_true", help="log every test run to W&B (offline)")
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    plan = load_plan(args.plan)
+    if args.action == "list":
+        for name, run in plan["_runs"].items():
+            print(f"{name:40s} {json.dumps(run['guidances'])}")
+        return
+    if args.action == "report":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from tail_study_report import report
+
+        report(plan, Path(args.out), Path(args.docs))
+        return
+    plan["_model"] = model_digest(plan)
+    from tqdm import tqdm
+
+    todo = units(plan, args.stage, args.only)
+    for name, n, seed in tqdm(todo, desc=f"tail study ({args.stage})", disable=args.dry_run):
+        run_unit(plan, name, plan["_runs"][name], n, seed, Path(args.out), args.wandb, args.dry_run)
+
+
+if __name__ == "__main__":
+    main()

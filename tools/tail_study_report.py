@@ -1,0 +1,191 @@
+"""Report of the tail study (`python tools/tail_study.py report`): tables, the PROTOCOL.md verdicts, plots, grids.
+
+Reads every finished unit under ``--out`` (``unit.json`` + ``metrics.json``) and writes to ``--docs``:
+``results.json`` (every unit), ``results.csv`` (one row per run and sample size: mean, std, seed sets),
+``results.md`` (the table and the verdicts), ``<space>_<y>_vs_<x>.png`` (the ADM-G curve drawn, error bars,
+numbered points with a legend so labels never overlap) and ``grid_<run>.png`` for the headline runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from tailgen.metrics.frontier import margin_over_curve
+
+# metric names per feature space (prefix in metrics.json); fidelity axes and diversity metrics of the rule
+DEFAULT_REPORT = {
+    "spaces": {"domain": "", "judge": "judge/"},
+    "accuracy": "tail/accuracy",
+    "fid": "fid",
+    "diversity": ["recall", "coverage", "classwise/coverage_mean", "rarity"],
+    "plots": [["fid", "recall"], ["accuracy", "classwise/coverage_mean"], ["fid", "rarity"]],
+}
+
+
+def collect(out: Path) -> list[dict]:
+    units = []
+    for info_path in sorted(out.glob("*/n*_s*/unit.json")):
+        metrics_path = info_path.with_name("metrics.json")
+        if metrics_path.exists():
+            units.append({**json.loads(info_path.read_text()), "metrics": json.loads(metrics_path.read_text()),
+                          "folder": str(info_path.parent)})
+    return units
+
+
+def aggregate(units: list[dict]) -> dict[tuple[str, int], dict]:
+    """(run, N) -> {"info": first unit, "mean": {k: v}, "std": {k: v} (NaN with one seed set), "seeds": [..]}."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for unit in units:
+        groups.setdefault((unit["run"], unit["num_samples"]), []).append(unit)
+    table = {}
+    for key, members in groups.items():
+        names = sorted(set.intersection(*(set(m["metrics"]) for m in members)))
+        values = {k: np.array([m["metrics"][k] for m in members], dtype=float) for k in names}
+        table[key] = {"info": members[0], "seeds": sorted(m["seed"] for m in members),
+                      "mean": {k: float(v.mean()) for k, v in values.items()},
+                      "std": {k: float(v.std(ddof=1)) if len(v) > 1 else math.nan for k, v in values.items()}}
+    return table
+
+
+def seed_noise(table: dict, headline_n: int, n: int) -> dict[str, float]:
+    """sigma per metric for samples of size ``n``: the largest seed-set std among the headline rows, scaled by
+    sqrt(headline_n / n) (PROTOCOL.md). Empty until a headline row has >= 2 seed sets."""
+    sigma: dict[str, float] = {}
+    for (run, size), row in table.items():
+        if size != headline_n or len(row["seeds"]) < 2:
+            continue
+        for k, s in row["std"].items():
+            sigma[k] = max(sigma.get(k, 0.0), s)
+    return {k: s * math.sqrt(headline_n / n) for k, s in sigma.items()}
+
+
+def verdicts(plan: dict, table: dict, cfg: dict) -> dict[tuple[str, int], dict]:
+    """Per (run, N): per space and axis, the margin over the ADM-G curve (tailgen.metrics.frontier)."""
+    curve_method, headline_n = plan.get("curve", "adm_g"), plan["setting"]["headline"]["num_samples"]
+    out = {}
+    for (run, n), row in table.items():
+        curve = [r["mean"] for (name, size), r in sorted(
+            ((k, v) for k, v in table.items() if v["info"]["method"] == curve_method and k[1] == n),
+            key=lambda kv: kv[1]["info"]["value"])]
+        sigma = seed_noise(table, headline_n, n)
+        result = {}
+        for space, prefix in cfg["spaces"].items():
+            diversity = [prefix + d for d in cfg["diversity"]]
+            for axis in ("accuracy", "fid"):
+                fidelity = cfg["accuracy"] if axis == "accuracy" else prefix + cfg["fid"]
+                needed = [fidelity, *diversity]
+                if len(curve) < 2 or any(k not in row["mean"] or any(k not in p for p in curve) for k in needed):
+                    continue
+                if not all(d in sigma for d in diversity):
+                    result[f"{space}/{axis}"] = {"comparable": None}
+                    continue
+                result[f"{space}/{axis}"] = margin_over_curve(curve, row["mean"], fidelity, diversity, sigma)
+        out[(run, n)] = result
+    return out
+
+
+def _cell(row: dict, key: str) -> str:
+    if key not in row["mean"]:
+        return "-"
+    m, s = row["mean"][key], row["std"][key]
+    return f"{m:.3f}" if math.isnan(s) else f"{m:.3f} ± {s:.3f}"
+
+
+def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path) -> None:
+    keys = [cfg["accuracy"]] + [p + k for p in cfg["spaces"].values() for k in [cfg["fid"], *cfg["diversity"]]]
+    with open(docs / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "num_samples", "seed_sets"] + [f"{k}{s}" for k in keys for s in ("", "_std")])
+        for (run, n), row in table.items():
+            w.writerow([run, n, len(row["seeds"])] + [row[s].get(k, "") for k in keys for s in ("mean", "std")])
+    lines = ["| run | N x seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for (run, n), row in table.items():
+        lines.append(f"| {run} | {n} x {len(row['seeds'])} | " + " | ".join(_cell(row, k) for k in keys) + " |")
+    lines += ["", "Verdicts (PROTOCOL.md): z = (D - D_ref) / sigma per diversity metric; above = every z > 2.", ""]
+    for (run, n), result in verdict.items():
+        for where, v in result.items():
+            if v.get("comparable") is None:
+                lines.append(f"- {run} (N={n}) {where}: pending (no seed-set noise measured yet)")
+            elif not v["comparable"]:
+                lines.append(f"- {run} (N={n}) {where}: not comparable (fidelity outside the ADM-G curve)")
+            else:
+                zs = ", ".join(f"{k} {z:+.1f}" for k, z in v["z"].items())
+                lines.append(f"- {run} (N={n}) {where}: {'ABOVE' if v['above'] else 'not above'} ({zs})")
+    (docs / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(plan: dict, table: dict, cfg: dict, docs: Path, n: int) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(k[0], v) for k, v in table.items() if k[1] == n]
+    sigma = seed_noise(table, plan["setting"]["headline"]["num_samples"], n)
+    written = []
+    for space, prefix in cfg["spaces"].items():
+        for x_name, y_name in cfg["plots"]:
+            xk = cfg["accuracy"] if x_name == "accuracy" else prefix + cfg.get(x_name, x_name)
+            yk = prefix + y_name
+            pts = [(run, r) for run, r in rows if xk in r["mean"] and yk in r["mean"]]
+            if not pts:
+                continue
+            fig, ax = plt.subplots(figsize=(8, 5.5))
+            curve = sorted([(r["info"]["value"], r["mean"][xk], r["mean"][yk]) for run, r in pts
+                            if r["info"]["method"] == plan.get("curve", "adm_g")])
+            if curve:
+                ax.plot([c[1] for c in curve], [c[2] for c in curve], "k-", lw=1, label="ADM-G scale curve", zorder=1)
+            methods = sorted({r["info"]["method"] for _, r in pts})
+            colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+            for i, (run, r) in enumerate(pts, 1):
+                ex = r["std"].get(xk) if not math.isnan(r["std"].get(xk, math.nan)) else sigma.get(xk)
+                ey = r["std"].get(yk) if not math.isnan(r["std"].get(yk, math.nan)) else sigma.get(yk)
+                ax.errorbar(r["mean"][xk], r["mean"][yk], xerr=ex, yerr=ey, fmt="o", ms=5, capsize=2,
+                            color=colors[r["info"]["method"]], label=f"{i}: {run}", zorder=2)
+                ax.annotate(str(i), (r["mean"][xk], r["mean"][yk]), xytext=(3, 3), textcoords="offset points",
+                            fontsize=7)
+            ax.set_xlabel(f"{x_name} ({'clean classifier' if x_name == 'accuracy' else space + ' features'})")
+            ax.set_ylabel(f"{y_name} ({space} features)")
+            ax.set_title(f"{y_name} vs {x_name}, {space} features, N={n} (error bars: seed-set std)", fontsize=9)
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 + len(pts) // 30)
+            fig.tight_layout()
+            path = docs / f"{space}_{y_name.replace('/', '_')}_vs_{x_name}_n{n}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def grids(plan: dict, table: dict, docs: Path) -> None:
+    from tailgen.utils.images import make_grid, save_png
+
+    headline_n = plan["setting"]["headline"]["num_samples"]
+    for (run, n), row in table.items():
+        if n != headline_n:
+            continue
+        data = np.load(Path(row["info"]["folder"]) / "samples.npz")
+        images, labels = data["arr_0"], data["arr_1"]
+        rows = [images[labels == c][:12] for c in np.unique(labels)]  # one row per class
+        save_png(make_grid(np.concatenate(rows), nrow=12), docs / f"grid_{run.replace('@', '_').replace('+', '__')}.png")
+
+
+def report(plan: dict, out: Path, docs: Path) -> None:
+    cfg = {**DEFAULT_REPORT, **plan.get("report", {})}
+    docs.mkdir(parents=True, exist_ok=True)
+    units = collect(out)
+    if not units:
+        raise SystemExit(f"tail_study report: no finished unit under {out}")
+    table = aggregate(units)
+    verdict = verdicts(plan, table, cfg)
+    (docs / "results.json").write_text(json.dumps(
+        [{k: v for k, v in u.items() if k != "folder"} for u in units], indent=1) + "\n")
+    write_tables(table, verdict, cfg, docs)
+    for n in sorted({n for _, n in table}):
+        plot(plan, table, cfg, docs, n)
+    grids(plan, table, docs)
+    print((docs / "results.md").read_text())
