@@ -9,12 +9,14 @@ from tailgen.guidance.base import (
     StepContext,
     schedule_weight,
 )
+from tailgen.guidance.cads import CADS
 from tailgen.guidance.classifier import ClassifierGuidance, EntropyScaledClassifierGuidance
 from tailgen.guidance.classifier_free import ClassifierFreeGuidance
 from tailgen.guidance.low_density import LowDensityGuidance
 from tailgen.guidance.predicted_image import PredictedImageGradient, PredictedImagePull
 
 __all__ = [
+    "CADS",
     "ClassifierEval",
     "ClassifierFreeGuidance",
     "ClassifierGuidance",
