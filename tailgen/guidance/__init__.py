@@ -12,6 +12,7 @@ from tailgen.guidance.base import (
 from tailgen.guidance.cads import CADS
 from tailgen.guidance.classifier import ClassifierGuidance, EntropyScaledClassifierGuidance
 from tailgen.guidance.classifier_free import ClassifierFreeGuidance
+from tailgen.guidance.langevin_pull import LangevinPull
 from tailgen.guidance.low_density import LowDensityGuidance
 from tailgen.guidance.predicted_image import PredictedImageGradient, PredictedImagePull
 
@@ -25,6 +26,7 @@ __all__ = [
     "Guidance",
     "GuidanceStack",
     "GuidedPrediction",
+    "LangevinPull",
     "LowDensityGuidance",
     "PredictedImageGradient",
     "PredictedImagePull",
