@@ -10,6 +10,7 @@ from tailgen.guidance.base import (
     schedule_weight,
 )
 from tailgen.guidance.cads import CADS
+from tailgen.guidance.calibrated_target import CalibratedTargetGuidance
 from tailgen.guidance.classifier import ClassifierGuidance, EntropyScaledClassifierGuidance
 from tailgen.guidance.classifier_free import ClassifierFreeGuidance
 from tailgen.guidance.langevin_pull import LangevinPull
@@ -18,6 +19,7 @@ from tailgen.guidance.predicted_image import PredictedImageGradient, PredictedIm
 
 __all__ = [
     "CADS",
+    "CalibratedTargetGuidance",
     "ClassifierEval",
     "ClassifierFreeGuidance",
     "ClassifierGuidance",
