@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tailgen.diffusion.process import DiffusionProcess, Index
+from tailgen.utils.errors import ConfigError
 
 
 @dataclass
@@ -27,10 +28,13 @@ class Prediction:
 
 
 class ADMDenoiser:
-    """``(x, i, labels, **model_kwargs) -> Prediction`` for an ADM ``UNetModel`` / ``SuperResModel``.
+    """``(x, i, labels, class_emb=None, **model_kwargs) -> Prediction`` for an ADM ``UNetModel`` / ``SuperResModel``
+    (or the toy denoiser, which has the same signature).
 
     Holds references only (the network is not registered as a submodule). ``labels`` is passed as ``y`` when
-    given; other keyword arguments (``low_res`` for the upsampler) go to the network unchanged.
+    given; ``class_emb`` (a class embedding from ``class_embedding(labels)``, possibly changed by a guidance's
+    ``guide_condition``, e.g. CADS) is passed *instead of* the labels; other keyword arguments (``low_res`` for
+    the upsampler) go to the network unchanged.
     """
 
     def __init__(self, net, process: DiffusionProcess, learn_sigma: bool | None = None):
@@ -38,11 +42,23 @@ class ADMDenoiser:
         self.process = process
         self.learn_sigma = process.learn_sigma if learn_sigma is None else bool(learn_sigma)
 
-    def __call__(self, x: torch.Tensor, i: Index, labels: torch.Tensor | None = None, **model_kwargs) -> Prediction:
+    def class_embedding(self, labels: torch.Tensor) -> torch.Tensor:
+        """The network's class embedding of ``labels`` (B, D): what ``class_emb`` replaces."""
+        if not hasattr(self.net, "class_embedding"):
+            raise ConfigError(f"{type(self.net).__name__} has no class embedding: conditioning guidances (CADS) "
+                              "need a class-conditional UNetModel or ToyDenoiser")
+        return self.net.class_embedding(labels)
+
+    def __call__(self, x: torch.Tensor, i: Index, labels: torch.Tensor | None = None,
+                 class_emb: torch.Tensor | None = None, **model_kwargs) -> Prediction:
         p = self.process
         t = p.model_timesteps(i, x.shape[0], x.device)
+        if labels is not None and class_emb is not None:
+            raise ConfigError("ADMDenoiser: pass labels or class_emb, not both")
         if labels is not None:
             model_kwargs["y"] = labels
+        if class_emb is not None:
+            model_kwargs["class_emb"] = class_emb
         out = self.net(x, t, **model_kwargs)
         v = None
         if self.learn_sigma:

@@ -9,12 +9,17 @@ from tailgen.guidance.base import (
     StepContext,
     schedule_weight,
 )
+from tailgen.guidance.cads import CADS
+from tailgen.guidance.calibrated_target import CalibratedTargetGuidance
 from tailgen.guidance.classifier import ClassifierGuidance, EntropyScaledClassifierGuidance
 from tailgen.guidance.classifier_free import ClassifierFreeGuidance
+from tailgen.guidance.langevin_pull import LangevinPull
 from tailgen.guidance.low_density import LowDensityGuidance
 from tailgen.guidance.predicted_image import PredictedImageGradient, PredictedImagePull
 
 __all__ = [
+    "CADS",
+    "CalibratedTargetGuidance",
     "ClassifierEval",
     "ClassifierFreeGuidance",
     "ClassifierGuidance",
@@ -23,6 +28,7 @@ __all__ = [
     "Guidance",
     "GuidanceStack",
     "GuidedPrediction",
+    "LangevinPull",
     "LowDensityGuidance",
     "PredictedImageGradient",
     "PredictedImagePull",

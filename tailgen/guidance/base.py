@@ -10,12 +10,17 @@ H3    x_t update before the network   ``before_model`` and pre-form gradients: x
 H4    x0_hat modification             ``guide_x0``
 H5    post-step update on x_{t-1}     ``after_step``
 H6    gating / scheduling             ``t_min``/``t_max``/``every``/``schedule``/``sample_scale``
+Hc    the conditioning signal          ``guide_condition`` (CADS): the class embedding the network sees
 ====  ==============================  ======================================================
 
 A step runs (``GuidanceStack.predict`` then the sampler's own update)::
 
     x  <- before_model hooks, then pre-form gradients          (in order)
-    eps, log_var <- denoiser(x, i, labels)                      (one network call)
+    if a guide_condition hook is active:                        (Hc)
+        emb <- denoiser.class_embedding(labels); emb <- guide_condition hooks (in order)
+        eps, log_var <- denoiser(x, i, class_emb=emb)           (one network call)
+    else:
+        eps, log_var <- denoiser(x, i, labels)                  (one network call)
     eps <- guide_eps hooks                                      (in order)
     x0  <- x0_from_eps(x, eps), clipped to [-1, 1] if asked
     g_score = sum of score-form gradients; if any:              (ADM condition_score)
@@ -224,6 +229,10 @@ class Guidance:
     def before_model(self, ctx: StepContext, x: Tensor, w: float | Tensor) -> Tensor:  # H3
         return x
 
+    def guide_condition(self, ctx: StepContext, emb: Tensor, w: float | Tensor) -> Tensor:  # Hc
+        """Change the class embedding (B, D) the step's network call sees (labels -> ``class_embedding``)."""
+        return emb
+
     def guide_eps(self, ctx: StepContext, eps: Tensor, w: float | Tensor) -> Tensor:  # H1
         return eps
 
@@ -332,8 +341,15 @@ class GuidanceStack:
         g_pre = self._gradients(ctx, "pre")
         if g_pre is not None:
             ctx.set_x(ctx.x + float(process.betas[i]) * g_pre)
-        # One network call
-        out = ctx.denoiser(ctx.x, i, ctx.labels)
+        # Hc: the conditioning signal, then one network call
+        cond_hooks = list(self._active(ctx, "guide_condition"))
+        if cond_hooks:
+            emb = self._class_embedding(ctx)
+            for g, w in cond_hooks:
+                emb = g.guide_condition(ctx, emb, w)
+            out = ctx.denoiser(ctx.x, i, class_emb=emb)
+        else:
+            out = ctx.denoiser(ctx.x, i, ctx.labels)
         eps = out.eps
         # H1: model-level eps guidance (e.g. classifier-free)
         for g, w in self._active(ctx, "guide_eps"):
@@ -352,6 +368,16 @@ class GuidanceStack:
             x0 = g.guide_x0(ctx, x0, w)
         ctx.pred = GuidedPrediction(x=ctx.x, x0=x0, eps=process.eps_from_x0(ctx.x, i, x0), log_var=out.log_var)
         return ctx.pred
+
+    @staticmethod
+    def _class_embedding(ctx: StepContext) -> Tensor:
+        if ctx.labels is None:
+            raise ConfigError("a conditioning guidance (e.g. CADS) needs class labels and a class-conditional network")
+        embed = getattr(ctx.denoiser, "class_embedding", None)
+        if embed is None:
+            raise ConfigError(f"a conditioning guidance (e.g. CADS) needs a denoiser with class_embedding(labels) "
+                              f"(ADMDenoiser), got {type(ctx.denoiser).__name__}")
+        return embed(ctx.labels)
 
     def mean_gradient(self, ctx: StepContext) -> Optional[Tensor]:
         """Sum of mean-form gradients w g at x_t; the DDPM sampler adds Sigma * this to its mean (H2)."""

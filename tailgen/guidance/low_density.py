@@ -39,7 +39,6 @@ exactly in real arithmetic (tested).
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional
 
 import torch
@@ -113,9 +112,16 @@ class LowDensityGuidance(GradientGuidance):
             log_p = ev.log_p_y.detach()
             if self.variant == "damped":
                 coef = torch.exp(self.gamma * log_one_minus_p_y(ev.logits.detach(), ev.labels))
-            elif self.target_space == "prob":
-                p = log_p.exp()
-                coef = -2.0 * (p - self.target_confidence) * p
             else:
-                coef = -2.0 * (log_p - math.log(self.target_confidence))
+                c = self.target_at(ctx)
+                c = c.to(log_p) if isinstance(c, Tensor) else torch.tensor(c, dtype=log_p.dtype, device=log_p.device)
+                if self.target_space == "prob":
+                    p = log_p.exp()
+                    coef = -2.0 * (p - c) * p
+                else:
+                    coef = -2.0 * (log_p - c.log())
         return coef.reshape(-1, *([1] * (g_y.dim() - 1))).to(g_y) * g_y
+
+    def target_at(self, ctx: StepContext) -> float | Tensor:
+        """c* of (e) at this step: a float, or one value per sample [B] (subclasses calibrate it per t)."""
+        return self.target_confidence

@@ -1,7 +1,8 @@
 """Tiny MLPs for the 2-D toy mixture, with the ADM networks' call signatures.
 
-* :class:`ToyDenoiser` ``net(x, t, y=None) -> (B, out)``: class-conditional eps prediction (out = 2, or 4 with
-  ``learn_sigma`` as ADM: eps then the variance interpolation v). ``t`` are original 0..T-1 indices.
+* :class:`ToyDenoiser` ``net(x, t, y=None, class_emb=None) -> (B, out)``: class-conditional eps prediction (out = 2,
+  or 4 with ``learn_sigma`` as ADM: eps then the variance interpolation v). ``t`` are original 0..T-1 indices.
+  ``class_emb`` (B, width) replaces ``label_emb(y)`` (``class_embedding(y)``), e.g. a CADS-noised embedding.
   The label embedding has ``num_classes + 1`` rows; row ``num_classes`` is the null label (trained by label
   dropout), used when ``y`` is None, so the same network is the unconditional model.
 * :class:`ToyClassifier` ``clf(x, t) -> logits (B, num_classes)`` and ``forward_features(x, t)`` (the
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from tailgen.models.nn import as_timestep_tensor, timestep_embedding
+from tailgen.utils import ConfigError
 
 
 class _Block(nn.Module):
@@ -104,15 +106,31 @@ class ToyDenoiser(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, timesteps, y: torch.Tensor | None = None) -> torch.Tensor:
+    def class_embedding(self, y: torch.Tensor | None) -> torch.Tensor:
+        """``label_emb(y)`` (B, width), what ``forward(x, t, class_emb=...)`` takes instead of y (null label:
+        y = num_classes)."""
         if y is None:
-            y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-        y = torch.as_tensor(y, device=x.device).long().reshape(-1).expand(x.shape[0])
+            raise ConfigError("ToyDenoiser.class_embedding needs labels y (the null label is index num_classes)")
+        return self.label_emb(torch.as_tensor(y).long().reshape(-1))
+
+    def forward(self, x: torch.Tensor, timesteps, y: torch.Tensor | None = None,
+                class_emb: torch.Tensor | None = None) -> torch.Tensor:
+        if class_emb is not None:
+            if y is not None:
+                raise ConfigError("pass labels y or a class embedding class_emb, not both")
+            if tuple(class_emb.shape) != (x.shape[0], self.label_emb.embedding_dim):
+                raise ConfigError(f"class_emb must have shape {(x.shape[0], self.label_emb.embedding_dim)}, "
+                                  f"got {tuple(class_emb.shape)}")
+            e = class_emb.to(x.dtype)
+        else:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            e = self.label_emb(torch.as_tensor(y, device=x.device).long().reshape(-1).expand(x.shape[0]))
         if not self.precondition:
-            return self.out(self.backbone.features(x, timesteps, self.label_emb(y)))
+            return self.out(self.backbone.features(x, timesteps, e))
         t = as_timestep_tensor(timesteps, x.shape[0], x.device)
         c_in, c_skip, c_out = self.precond[t.round().long()].to(x.dtype).unbind(1)
-        f = self.out(self.backbone.features(c_in[:, None] * x, t, self.label_emb(y)))
+        f = self.out(self.backbone.features(c_in[:, None] * x, t, e))
         eps = c_skip[:, None] * x + c_out[:, None] * f[:, : self.in_dim]
         return torch.cat([eps, f[:, self.in_dim:]], 1) if self.learn_sigma else eps
 

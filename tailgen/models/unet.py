@@ -48,11 +48,24 @@ def check_labels(y: torch.Tensor | None, num_classes: int | None, batch_size: in
         )
 
 
+def check_class_emb(class_emb: torch.Tensor, y: torch.Tensor | None, num_classes: int | None,
+                    shape: tuple[int, int]) -> None:
+    """A precomputed class embedding replaces the labels: class-conditional network, no labels, shape (B, D)."""
+    if num_classes is None:
+        raise ConfigError("this network is unconditional (class_cond=False): it takes no class embedding")
+    if y is not None:
+        raise ConfigError("pass labels y or a class embedding class_emb, not both")
+    if tuple(class_emb.shape) != shape or not class_emb.dtype.is_floating_point:
+        raise ConfigError(f"class_emb must be a float tensor of shape {shape}, got {tuple(class_emb.shape)} "
+                          f"{class_emb.dtype}")
+
+
 class UNetModel(nn.Module):
     """ADM UNet: eps (and, with learned sigma, variance-interpolation v) prediction network.
 
-    forward(x, timesteps, y=None) -> (B, out_channels, H, W); x NCHW in [-1, 1]; timesteps are original
-    step indices (int or float, scalar or (B,)); emb = MLP(sinusoid(t)) [+ label_emb(y)].
+    forward(x, timesteps, y=None, class_emb=None) -> (B, out_channels, H, W); x NCHW in [-1, 1]; timesteps are
+    original step indices (int or float, scalar or (B,)); emb = MLP(sinusoid(t)) [+ label_emb(y)], or
+    + class_emb when a precomputed (e.g. CADS-noised) class embedding is given instead of y.
     `attention_resolutions` are downsample rates (e.g. image 64 with "32,16,8" -> (2, 4, 8)).
     `use_fp16` keeps the convs of the torso in float16 (see `convert_to_fp16`).
     """
@@ -170,18 +183,34 @@ class UNetModel(nn.Module):
             convert_convs(part, torch.float32)
         self.use_fp16 = False
 
-    def embed(self, x: torch.Tensor, timesteps, y: torch.Tensor | None) -> torch.Tensor:
-        """Time (+ class) embedding (B, 4 * model_channels)."""
+    def class_embedding(self, y: torch.Tensor) -> torch.Tensor:
+        """The class embedding the network adds to its time embedding: ``label_emb(y)`` (B, 4 * model_channels).
+
+        Sampling-time guidances may change it (CADS) and pass it back as ``class_emb``."""
+        if self.num_classes is None:
+            raise ConfigError("this network is unconditional (class_cond=False): it has no class embedding")
+        check_labels(y, self.num_classes, y.shape[0] if y is not None else 0)
+        return self.label_emb(y)
+
+    def embed(self, x: torch.Tensor, timesteps, y: torch.Tensor | None,
+              class_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Time (+ class) embedding (B, 4 * model_channels); ``class_emb`` replaces ``label_emb(y)``."""
         timesteps = as_timestep_tensor(timesteps, x.shape[0], x.device)
-        check_labels(y, self.num_classes, x.shape[0])
+        if class_emb is None:
+            check_labels(y, self.num_classes, x.shape[0])
+        else:
+            check_class_emb(class_emb, y, self.num_classes, (x.shape[0], self.time_embed[-1].out_features))
         first_linear = self.time_embed[0]
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(first_linear.weight.dtype))
-        if self.num_classes is not None:
+        if class_emb is not None:
+            emb = emb + class_emb.to(emb.dtype)
+        elif self.num_classes is not None:
             emb = emb + self.label_emb(y)
         return emb
 
-    def forward(self, x: torch.Tensor, timesteps, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(x, timesteps, y)
+    def forward(self, x: torch.Tensor, timesteps, y: torch.Tensor | None = None,
+                class_emb: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(x, timesteps, y, class_emb)
         skips = []
         h = x.to(self.dtype)
         for block in self.input_blocks:
@@ -205,7 +234,8 @@ class SuperResModel(UNetModel):
         self.low_res_channels = in_channels
 
     def forward(
-        self, x: torch.Tensor, timesteps, low_res: torch.Tensor | None = None, y: torch.Tensor | None = None
+        self, x: torch.Tensor, timesteps, low_res: torch.Tensor | None = None, y: torch.Tensor | None = None,
+        class_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if low_res is None:
             raise ConfigError("SuperResModel needs the low-resolution image: call model(x, t, low_res=..., y=...)")
@@ -214,4 +244,4 @@ class SuperResModel(UNetModel):
                 f"low_res must have shape ({x.shape[0]}, {self.low_res_channels}, h, w), got {tuple(low_res.shape)}"
             )
         upsampled = F.interpolate(low_res.to(x.dtype), size=tuple(x.shape[2:]), mode="bilinear")
-        return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
+        return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y, class_emb)

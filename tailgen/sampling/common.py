@@ -16,6 +16,22 @@ Callback = Optional[Callable[[dict], None]]
 GuidanceArg = Optional[GuidanceStack | Guidance | Sequence[Guidance]]
 
 
+class BoundDenoiser:
+    """A denoiser with extra network inputs bound (``low_res`` for the upsampler); other attributes (e.g.
+    ``class_embedding``) are the wrapped denoiser's."""
+
+    def __init__(self, denoiser, **model_kwargs):
+        self.denoiser, self.model_kwargs = denoiser, model_kwargs
+
+    def __call__(self, x, i, labels=None, **kwargs):
+        return self.denoiser(x, i, labels, **self.model_kwargs, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "denoiser":  # not set yet (e.g. during copy): no recursion
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)
+
+
 class Loop:
     """One sampling run: validates the setup, then yields a :class:`StepContext` per step (noisiest first).
 
@@ -38,8 +54,7 @@ class Loop:
         self.sampler, self.process, self.labels, self.stack = sampler, process, labels, guidance
         self.noise = noise if noise is not None else TorchNoise()
         self.classifier, self.uncond, self.progress = classifier, uncond, progress
-        kwargs = dict(model_kwargs or {})
-        self.denoiser = (lambda x, i, labels=None: denoiser(x, i, labels, **kwargs)) if kwargs else denoiser
+        self.denoiser = BoundDenoiser(denoiser, **model_kwargs) if model_kwargs else denoiser
 
     def steps(self, x: torch.Tensor) -> Iterator[StepContext]:
         """Contexts for respaced indices i = K-1 .. 0 at the current x, with a progress bar over the steps."""
