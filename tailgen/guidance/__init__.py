@@ -7,12 +7,16 @@ from tailgen.guidance.base import (
     GuidanceStack,
     GuidedPrediction,
     StepContext,
+    denoised_gradient,
+    max_normalized,
     schedule_weight,
 )
 from tailgen.guidance.classifier import ClassifierGuidance, EntropyScaledClassifierGuidance
 from tailgen.guidance.classifier_free import ClassifierFreeGuidance
+from tailgen.guidance.hardness import SehwagHardnessGuidance
 from tailgen.guidance.low_density import LowDensityGuidance
 from tailgen.guidance.predicted_image import PredictedImageGradient, PredictedImagePull
+from tailgen.guidance.self_guided_minority import SelfGuidedMinorityGuidance
 
 __all__ = [
     "ClassifierEval",
@@ -26,6 +30,10 @@ __all__ = [
     "LowDensityGuidance",
     "PredictedImageGradient",
     "PredictedImagePull",
+    "SehwagHardnessGuidance",
+    "SelfGuidedMinorityGuidance",
     "StepContext",
+    "denoised_gradient",
+    "max_normalized",
     "schedule_weight",
 ]

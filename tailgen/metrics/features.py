@@ -13,13 +13,12 @@ feature caches are keyed by it, so a different network or checkpoint never reuse
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 from torch import nn
 
 from tailgen.utils import ConfigError, DataError
+from tailgen.utils.io import module_digest
 
 __all__ = ["FeatureExtractor", "ClassifierFeatures", "InceptionFeatures", "to_uint8_nchw"]
 
@@ -100,21 +99,6 @@ class FeatureExtractor(nn.Module):
         return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _state_digest(module: nn.Module) -> str:
-    """SHA-256 over parameter/buffer names, shapes, dtypes and bytes (the network's identity)."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        if torch.is_tensor(t):
-            a = t.detach().cpu()
-            if a.dtype == torch.bfloat16:
-                a = a.float()
-            a = a.contiguous().numpy()
-            h.update(str((a.shape, a.dtype.str)).encode())
-            h.update(a.tobytes())
-    return h.hexdigest()
-
-
 class ClassifierFeatures(FeatureExtractor):
     """Penultimate features (``pool``) and ``logits`` of a classifier, at diffusion timestep ``timestep``.
 
@@ -157,7 +141,7 @@ class ClassifierFeatures(FeatureExtractor):
     def _identity(self) -> str:
         where = self._layer or ("hook:last-linear" if self._hook_target is not None else "forward_features")
         return (f"classifier/{self.name}/t={self.timestep}/feat={where}/resize={self.resize_to}/"
-                f"{_state_digest(self.net)[:16]}")
+                f"{module_digest(self.net)[:16]}")
 
     def _call(self, fn, x):
         if self.timestep is None:

@@ -47,3 +47,21 @@ def array_digest(*arrays) -> str:
         h.update(str((a.shape, a.dtype.str)).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def module_digest(module) -> str:
+    """SHA-256 hex digest of a ``torch.nn.Module``'s state (parameter/buffer names, shapes, dtypes and bytes):
+    the network's identity for cache keys (bfloat16 tensors are hashed as float32)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        if torch.is_tensor(t):
+            a = t.detach().cpu()
+            if a.dtype == torch.bfloat16:
+                a = a.float()
+            a = a.contiguous().numpy()
+            h.update(str((a.shape, a.dtype.str)).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
