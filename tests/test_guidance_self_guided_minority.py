@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from guidance_stubs import LinearDenoiser, batch, make_ctx, make_process
-from tailgen.diffusion import ReplayNoise
+from guidance_stubs import SHAPE, LinearDenoiser, batch, make_ctx, make_process
+from tailgen.diffusion import ReplayNoise, SeededNoise
 from tailgen.guidance import GuidanceStack, SelfGuidedMinorityGuidance
 from tailgen.guidance.base import max_normalized
+from tailgen.sampling import sample_ddpm
 from tailgen.utils import ConfigError
 
 LABELS = torch.tensor([0, 1, 2, 3])
@@ -110,3 +111,18 @@ def test_needs_a_noise_source():
 def test_bad_configs(kwargs, word):
     with pytest.raises(ConfigError, match=word):
         SelfGuidedMinorityGuidance(**kwargs)
+
+
+def test_sampling_is_per_sample_whatever_the_batch():
+    """Through the DDPM loop: the re-noising draws and the normalisation are per sample, so the image for a seed
+    does not depend on the batch it is sampled in (SeededNoise contract), and the guidance does change it."""
+    process, den = make_process(10), LinearDenoiser(a=0.3, log_var=-3.0)
+    g = SelfGuidedMinorityGuidance(scale=0.5, every=2)
+
+    def run(seeds, labels, guidance):
+        noise = SeededNoise(seeds)
+        return sample_ddpm(den, noise.initial((len(seeds), *SHAPE)), process, labels, guidance=guidance, noise=noise)
+
+    full = run([0, 1, 2, 3], LABELS, [g])
+    torch.testing.assert_close(run([2], LABELS[2:3], [g])[0], full[2])
+    assert (run([0, 1, 2, 3], LABELS, []) - full).abs().amax() > 1e-2
