@@ -24,7 +24,10 @@ Mahalanobis distance.
 Fit: features of every training image (no gradient, batched, a progress bar), then per-class moments in float64;
 cached on disk as ``<cache_dir>/<key>.npz`` with key = sha256(network state digest | image+label digest |
 timestep | shrinkage | format) and in memory for the process, so the fit runs once per network and data set.
-Cost per active step: one denoiser forward + backward and one classifier forward + backward.
+Cost per active step: one denoiser forward + backward and one classifier forward + backward. Measured on
+Fashion-MNIST (fashion_clean_classifier, one thread): the fit takes 13.5 s CPU per 5,000 images (~160 s CPU for
+the 60k; minutes of wall time on a loaded machine), a cached load 1.5 s; sampling with configs/fashion/hardness.yaml
+(ADM-G + hardness, DDPM-50) 1904 ms CPU per sample vs 699 for ADM-G alone.
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ def penultimate_features(net: nn.Module, x: Tensor, timestep: int) -> Tensor:
         return net.forward_with_features(x, t)[1].flatten(1)
     if hasattr(net, "forward_features"):
         return net.forward_features(x, t).flatten(1)
-    raise ConfigError(f"{type(net).__name__} exposes no penultimate features (forward_with_features / forward_features)")
+    raise ConfigError(f"{type(net).__name__} exposes no penultimate features "
+                      "(forward_with_features / forward_features): use a tailgen classifier preset")
 
 
 def load_training_set(data: str, root: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +114,8 @@ def load_training_set(data: str, root: Optional[str] = None) -> tuple[np.ndarray
         return load_fashion_mnist("train", root)
     path = Path(data).expanduser()
     if path.suffix != ".npz":
-        raise ConfigError(f"unknown hardness data {data!r}: use 'fashion_mnist' or a .npz with arr_0 images, arr_1 labels")
+        raise ConfigError(f"unknown hardness data {data!r}: use 'fashion_mnist' or a .npz with arr_0 images, "
+                          "arr_1 labels")
     if not path.is_file():
         raise DataError(f"hardness data file not found: {path}")
     with np.load(path) as z:

@@ -33,6 +33,8 @@ guided (1/every), not on the step count: ImageNet-64's 0.2 at every 2nd step ~ 0
 Cost per active step: one denoiser forward with graph + one backward (through x0_hat(x_t)) + M forwards without
 graph (x0_tilde): about 3 + M network-forward equivalents on top of the step's own call (a backward ~ 2
 forwards), so a sampler step costs ~(1 + (3 + M) / every) times the unguided step (M = 1, every = 2: ~3x).
+Measured (Fashion-MNIST, configs/fashion/sg_minority.yaml, DDPM-50, one thread): 955 ms CPU per sample vs 431
+unguided and 699 with ADM-G (2.2x unguided; the backward costs less than two forwards).
 """
 
 from __future__ import annotations
