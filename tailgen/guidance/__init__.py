@@ -7,6 +7,8 @@ from tailgen.guidance.base import (
     GuidanceStack,
     GuidedPrediction,
     StepContext,
+    denoised_gradient,
+    max_normalized,
     schedule_weight,
 )
 from tailgen.guidance.cads import CADS
@@ -14,8 +16,10 @@ from tailgen.guidance.calibrated_target import CalibratedTargetGuidance
 from tailgen.guidance.classifier import ClassifierGuidance, EntropyScaledClassifierGuidance
 from tailgen.guidance.classifier_free import ClassifierFreeGuidance
 from tailgen.guidance.langevin_pull import LangevinPull
+from tailgen.guidance.hardness import SehwagHardnessGuidance
 from tailgen.guidance.low_density import LowDensityGuidance
 from tailgen.guidance.predicted_image import PredictedImageGradient, PredictedImagePull
+from tailgen.guidance.self_guided_minority import SelfGuidedMinorityGuidance
 
 __all__ = [
     "CADS",
@@ -32,6 +36,10 @@ __all__ = [
     "LowDensityGuidance",
     "PredictedImageGradient",
     "PredictedImagePull",
+    "SehwagHardnessGuidance",
+    "SelfGuidedMinorityGuidance",
     "StepContext",
+    "denoised_gradient",
+    "max_normalized",
     "schedule_weight",
 ]

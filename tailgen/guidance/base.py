@@ -291,6 +291,29 @@ class GradientGuidance(Guidance):
         return g
 
 
+def denoised_gradient(ctx: StepContext, objective: Callable[[Tensor], Tensor]) -> Tensor:
+    """grad_{x_t} sum_b J(x0_hat(x_t))_b through the denoiser, with J = ``objective`` ([B, ...] -> [B])::
+
+        x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t, y)) / sqrt(abar_t)       (methods.md §0)
+
+    x0_hat is not clipped (clipping would zero the gradient outside [-1, 1]). Costs one denoiser forward with
+    its graph and one backward per call (besides the step's own network call). Samples are independent, so
+    each sample's gradient is that of its own J_b.
+    """
+    with torch.enable_grad():
+        x_in = ctx.x.detach().float().requires_grad_(True)
+        eps = ctx.denoiser(x_in, ctx.i, ctx.labels).eps.float()
+        x0 = ctx.process.x0_from_eps(x_in, ctx.i, eps)
+        (g,) = torch.autograd.grad(objective(x0).sum(), x_in)
+    return g
+
+
+def max_normalized(g: Tensor, eps: float = 1e-12) -> Tensor:
+    """g / max_j |g_j| per sample (the largest entry of each sample becomes +-1; a zero gradient stays 0)."""
+    peak = g.flatten(1).abs().amax(dim=1).clamp_min(eps)
+    return g / peak.reshape(-1, *([1] * (g.dim() - 1)))
+
+
 # ------------------------------------------------------------------------------------------------
 # Composition
 

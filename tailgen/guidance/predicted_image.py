@@ -22,7 +22,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from tailgen.guidance.base import Form, GradientGuidance, Guidance, Schedule, StepContext
+from tailgen.guidance.base import Form, GradientGuidance, Guidance, Schedule, StepContext, denoised_gradient
 from tailgen.utils import ConfigError
 
 PullVariant = Literal["pull", "snr_pull", "renoise"]
@@ -132,9 +132,4 @@ class PredictedImageGradient(GradientGuidance):
         return log_probs[torch.arange(len(ctx.labels), device=ctx.labels.device), ctx.labels]
 
     def direction(self, ctx: StepContext) -> Tensor:
-        with torch.enable_grad():
-            x_in = ctx.x.detach().float().requires_grad_(True)
-            eps = ctx.denoiser(x_in, ctx.i, ctx.labels).eps.float()
-            x0 = ctx.process.x0_from_eps(x_in, ctx.i, eps)
-            (g,) = torch.autograd.grad(self.objective_value(ctx, x0).sum(), x_in)
-        return g
+        return denoised_gradient(ctx, lambda x0: self.objective_value(ctx, x0))

@@ -13,7 +13,6 @@ feature caches are keyed by it, so a different network or checkpoint never reuse
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from torch import nn

@@ -50,8 +50,8 @@ def array_digest(*arrays) -> str:
 
 
 def module_digest(module) -> str:
-    """SHA-256 over a module's state_dict names, shapes, dtypes and bytes (a network's identity; bfloat16 tensors
-    are hashed as float32, which numpy cannot hold)."""
+    """SHA-256 hex digest of a ``torch.nn.Module``'s state (parameter/buffer names, shapes, dtypes and bytes):
+    the network's identity for cache keys (bfloat16 tensors are hashed as float32)."""
     import torch
 
     h = hashlib.sha256()
