@@ -5,7 +5,9 @@
     python tools/tail_study.py list   [--plan ...]                      # the expanded runs and their flags
     python tools/tail_study.py report [--out runs/tail_study] [--docs docs/tail_study]   # tools/tail_study_report.py
 
-A *unit* is (run, N, seed set): ``tailgen predict`` writes ``<out>/<run>/n<N>_s<seed>/samples.npz`` (+ grid), then
+A *unit* is (run, N, seed set): ``tailgen predict`` writes ``<out>/model_<sha>/<run>/n<N>_s<seed>/samples.npz``
+(+ grid; ``model_<sha>`` = the first digits of the diffusion weights' sha256, so results of different models never
+mix), then
 ``tailgen test`` on those samples writes ``metrics.json`` beside them. A unit with a metrics.json is finished and
 skipped, so a killed study resumes where it stopped; every unit can be reproduced by hand from the command saved
 in its ``command.txt``. The model's weights digest is recorded per unit (``unit.json``) so every number names the
@@ -60,7 +62,13 @@ def expand(plan: dict) -> dict[str, dict]:
 
 
 def unit_dir(out: Path, run: str, n: int, seed: int) -> Path:
+    """``<out>/<run>/n<N>_s<seed>``; ``out`` already names the model (see :func:`model_out`)."""
     return out / run.replace("@", "_").replace("+", "__") / f"n{n}_s{seed}"
+
+
+def model_out(out: Path, model: dict) -> Path:
+    """Results of different diffusion weights never mix: ``<out>/model_<sha256[:10]>``."""
+    return out / f"model_{(model['weights_sha256'] or 'random')[:10]}"
 
 
 def commands(plan: dict, run: dict, n: int, seed: int, folder: Path, wandb: bool) -> tuple[list[str], list[str]]:
@@ -166,14 +174,16 @@ def main(argv=None) -> None:
         sys.path.insert(0, str(Path(__file__).parent))
         from tail_study_report import report
 
-        report(plan, Path(args.out), Path(args.docs))
+        plan["_model"] = model_digest(plan)
+        report(plan, model_out(Path(args.out), plan["_model"]), Path(args.docs))
         return
     plan["_model"] = model_digest(plan)
+    out = model_out(Path(args.out), plan["_model"])
     from tqdm import tqdm
 
     todo = units(plan, args.stage, args.only)
     for name, n, seed in tqdm(todo, desc=f"tail study ({args.stage})", disable=args.dry_run):
-        run_unit(plan, name, plan["_runs"][name], n, seed, Path(args.out), args.wandb, args.dry_run)
+        run_unit(plan, name, plan["_runs"][name], n, seed, out, args.wandb, args.dry_run)
 
 
 if __name__ == "__main__":
