@@ -132,8 +132,10 @@ def format_value(value: Any) -> str:
 
 def trial_name(params: dict[str, Any]) -> str:
     """A readable folder name that depends only on the parameter values (so resuming finds it again)."""
-    slug = "_".join(f"{short_name(k)}={f'{v:.4g}' if isinstance(v, float) else format_value(v)}"
-                    for k, v in params.items())
+    def short(v: Any) -> str:  # random draws: 4 significant digits in the name (the digest keeps them apart)
+        return f"{v:.4g}" if isinstance(v, float) and len(str(v)) > 8 else format_value(v)
+
+    slug = "_".join(f"{short_name(k)}={short(v)}" for k, v in params.items())
     slug = re.sub(r"[^A-Za-z0-9._=+-]", "", slug)[:80]
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:6]
     return f"{slug}-{digest}"
