@@ -81,7 +81,7 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["images"].shape == (10, 28, 28, 1)
-    grid = (tmp_path / "grid.png")
+    grid = tmp_path / "grid.png"
     assert grid.stat().st_size > 0
     printed = capsys.readouterr().out
     assert "'recall'" in printed and "'fid'" in printed

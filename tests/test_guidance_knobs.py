@@ -5,6 +5,7 @@ command line for any subclass that forwards ``**kwargs`` to ``super().__init__``
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,7 +16,7 @@ from tailgen.cli import main
 from tailgen.guidance import ClassifierGuidance, Guidance, PredictedImagePull
 from tailgen.utils import ConfigError
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 BASE_KNOBS = ("scale", "t_min", "t_max", "every", "schedule", "start", "stop")
 
 
@@ -51,15 +52,25 @@ def test_bad_start_stop(kwargs, word):
         PredictedImagePull(**kwargs)
 
 
-def test_every_builtin_guidance_calls_its_strength_scale_and_has_every_base_knob():
-    for name in tg.__all__:
-        cls = getattr(tg, name)
-        if not (isinstance(cls, type) and issubclass(cls, Guidance)) or cls is Guidance:
-            continue
-        g = cls()
-        for knob in BASE_KNOBS:
-            assert hasattr(g, knob), (name, knob)
-        assert "eta" not in inspect.signature(cls).parameters and not hasattr(g, "eta"), name
+def builtin_guidances() -> list[type]:
+    return [cls for name in tg.__all__ if isinstance(cls := getattr(tg, name), type) and issubclass(cls, Guidance)
+            and cls is not Guidance]
+
+
+@pytest.mark.parametrize("cls", builtin_guidances(), ids=lambda c: c.__name__)
+def test_every_builtin_guidance_calls_its_strength_scale_and_exposes_every_base_knob(cls):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "g")
+    defaults = parser.get_defaults().g
+    for knob in BASE_KNOBS:  # what YAML / the CLI / sweeps can set
+        assert knob in defaults, f"{cls.__name__} hides {knob}: forward **kwargs to super().__init__"
+    assert "eta" not in inspect.signature(cls).parameters and "eta" not in defaults
+    required = [p for p in inspect.signature(cls).parameters.values()
+                if p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if not required:
+        assert not hasattr(cls(), "eta")
 
 
 USER_MODULE = '''
