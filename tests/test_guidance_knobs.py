@@ -114,3 +114,12 @@ def test_user_subclass_with_kwargs_exposes_the_inherited_knobs(tmp_path, capsys,
     g = parser.instantiate(parser.parse_args(
         ["--g", '{"class_path": "my_guidances.Blur", "init_args": {"radius": 3, "t_max": 0.6, "every": 3}}'])).g
     assert (g.radius, g.t_max, g.every, g.scale) == (3, 0.6, 3, 1.0)
+
+
+def test_readme_guidance_example_is_the_tested_one():
+    """README's "Writing your own guidance" shows tests/user_guidance.py's signature (the one the tests load)."""
+    from user_guidance import Sharpen
+
+    readme = (ROOT / "README.md").read_text()
+    assert f"    def __init__{inspect.signature(Sharpen.__init__)}:".replace("'", "") in readme.replace("'", "")
+    assert "super().__init__(scale=scale, t_max=t_max, **kwargs)" in readme
