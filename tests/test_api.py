@@ -4,6 +4,8 @@ images as the CLI's seeds); README's example runs as written (with fewer steps a
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -88,3 +90,14 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     assert np.asarray(Image.open(grid)).shape[:2] == (10 * 30 - 2, 28)  # one row per class
+
+
+@pytest.mark.slow
+def test_api_example_script_runs(tmp_path):
+    """tools/api_example.py end to end with one sample per class and two steps."""
+    subprocess.run([sys.executable, str(ROOT / "tools/api_example.py"), "--per-class", "1", "--steps", "2",
+                    "--max-reference", "50", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")],
+                   check=True, cwd=tmp_path, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    results = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(results) == {"unguided", "tail"} and all(0 <= r["recall"] <= 1 for r in results.values())
+    assert (tmp_path / "grid_unguided.png").stat().st_size > 0 and (tmp_path / "grid_tail.png").stat().st_size > 0

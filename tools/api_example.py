@@ -22,6 +22,7 @@ ap.add_argument("--per-class", type=int, default=20, help="samples per class (10
 ap.add_argument("--steps", type=int, default=50, help="DDPM steps (respacing of the 1000-step model)")
 ap.add_argument("--max-reference", type=int, default=2000, help="real test images in the reference")
 ap.add_argument("--out", default="outputs/api_example")
+ap.add_argument("--cache-dir", default="~/.cache/tailgen/features", help="where reference features are cached")
 args = ap.parse_args()
 torch.set_num_threads(max(1, torch.get_num_threads()))
 out = Path(args.out)
@@ -42,7 +43,8 @@ images = {name: model.generate(labels, seed=0, batch_size=100) for name, model i
 
 # %% Evaluate both sets against the same real reference (features cached on disk after the first run)
 evaluation = Evaluation(metrics=["fid", "precision", "recall", "coverage", "tail"],
-                        feature_network=NetworkSpec("fashion_clean_classifier"), max_reference=args.max_reference)
+                        feature_network=NetworkSpec("fashion_clean_classifier"), max_reference=args.max_reference,
+                        cache_dir=args.cache_dir)
 results = {name: evaluation.evaluate(imgs, labels, num_classes=10) for name, imgs in images.items()}
 keys = ["fid", "precision", "recall", "coverage", "tail/accuracy"]
 print(f"{'':<10}" + "".join(f"{k:>15}" for k in keys))
