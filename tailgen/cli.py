@@ -1,7 +1,8 @@
 """``tailgen``: the command line (LightningCLI) for fit / predict / test.
 
     tailgen predict --config configs/fashion/default.yaml --data.num_samples 64 --writer.output_dir out
-    tailgen test    --config configs/fashion/eval.yaml --model.guidances.tail.init_args.scale=0.5
+    tailgen test    --config configs/fashion/tail.yaml --config configs/fashion/eval.yaml --model.guidances.tail.init_args.scale=0.5
+    tailgen sweep   configs/sweeps/fashion_tail.yaml        # a W&B sweep file, run locally (tailgen/sweep.py)
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ def condense_parser_error(message: str) -> str:
 
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``tailgen`` command: a bad configuration or a TailgenError ends it with one clear
-    line on stderr and exit code 2."""
+    line on stderr and exit code 2. ``tailgen sweep ...`` runs a W&B sweep file locally (tailgen/sweep.py)."""
+    if (sys.argv[1:] if args is None else args)[:1] == ["sweep"]:
+        from tailgen.sweep import main as sweep
+
+        return sweep((sys.argv[1:] if args is None else args)[1:])
     try:
         run_cli(args)
     except ArgumentError as exc:

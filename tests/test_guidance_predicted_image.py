@@ -28,12 +28,12 @@ def test_pull_formulas(i):
     abar = float(ctx.process.alphas_cumprod_prev[i])
     assert abar == pytest.approx(float(ctx.process.alphas_cumprod[i - 1]))
     w = 0.1
-    f = PredictedImagePull("pull", eta=w).after_step(ctx, x_prev, w)
+    f = PredictedImagePull("pull", scale=w).after_step(ctx, x_prev, w)
     torch.testing.assert_close(f, x_prev + w * (math.sqrt(abar) * pred.x0 - x_prev))
-    g = PredictedImagePull("snr_pull", eta=w).after_step(ctx, x_prev, w)
+    g = PredictedImagePull("snr_pull", scale=w).after_step(ctx, x_prev, w)
     ddim_point = math.sqrt(abar) * pred.x0 + math.sqrt(1 - abar) * pred.eps
     torch.testing.assert_close(g, (1 - w) * x_prev + w * ddim_point)
-    h = PredictedImagePull("renoise", eta=w).after_step(ctx, x_prev, w)
+    h = PredictedImagePull("renoise", scale=w).after_step(ctx, x_prev, w)
     torch.testing.assert_close(h, (1 - w) * x_prev + w * ctx.process.q_sample(pred.x0, i - 1, z))
     assert ctx.noise.used_extras == 1
 
@@ -42,13 +42,13 @@ def test_last_step_is_a_no_op():
     ctx, pred, x_prev = predicted(0, noise=ReplayNoise(batch(), [], extras=[batch(seed=3)] * 2))
     assert ctx.process.alphas_cumprod_prev[0] == 1.0
     for variant in ("pull", "snr_pull", "renoise"):
-        g = PredictedImagePull(variant, eta=0.3)
+        g = PredictedImagePull(variant, scale=0.3)
         torch.testing.assert_close(g.after_step(ctx, x_prev, 0.3), 0.7 * x_prev + 0.3 * pred.x0)
         torch.testing.assert_close(g.after_step(ctx, pred.x0, 0.3), pred.x0)  # the sampler's last x_prev is x0_hat
 
 
 def test_stack_runs_the_pull_after_the_step_with_its_schedule_weight():
-    g = PredictedImagePull("snr_pull", eta=0.2, schedule="low_noise")
+    g = PredictedImagePull("snr_pull", scale=0.2, schedule="low_noise")
     ctx, pred, x_prev = predicted(6, sampler="ddim")
     w = 0.2 * (1 - ctx.tau)
     abar = float(ctx.process.alphas_cumprod_prev[6])
@@ -56,12 +56,15 @@ def test_stack_runs_the_pull_after_the_step_with_its_schedule_weight():
     torch.testing.assert_close(GuidanceStack([g]).after_step(ctx, x_prev), want)
 
 
-def test_eta_is_the_scale():
-    g = PredictedImagePull("pull", eta=0.05)
-    assert g.scale == g.eta == 0.05 and "eta=0.05" in repr(g) and "scale" not in repr(g)
+def test_the_strength_is_called_scale():
+    g = PredictedImagePull("pull", scale=0.05)
+    assert g.scale == 0.05 and "scale=0.05" in repr(g) and "eta" not in repr(g)
+    assert not hasattr(g, "eta")
+    with pytest.raises(TypeError, match="eta"):
+        PredictedImagePull("pull", eta=0.05)
     ctx, _, x_prev = predicted(4)
-    assert not PredictedImagePull("pull", eta=0.0).active(ctx)
-    assert GuidanceStack([PredictedImagePull("pull", eta=0.0)]).after_step(ctx, x_prev) is x_prev
+    assert not PredictedImagePull("pull", scale=0.0).active(ctx)
+    assert GuidanceStack([PredictedImagePull("pull", scale=0.0)]).after_step(ctx, x_prev) is x_prev
 
 
 def linear_x0_coef(process, i, a):
@@ -104,7 +107,7 @@ def test_gradient_needs_a_classifier_only_for_the_classifier_objective():
 
 @pytest.mark.parametrize("make,word", [
     (lambda: PredictedImagePull("pul"), "pull, snr_pull, renoise"),
-    (lambda: PredictedImagePull("pull", eta=1.5), "eta"),
+    (lambda: PredictedImagePull("pull", scale=1.5), "scale"),
     (lambda: PredictedImageGradient(objective="realism"), "classifier_log_prob, norm"),
 ])
 def test_bad_configs(make, word):

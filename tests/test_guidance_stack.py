@@ -79,7 +79,7 @@ def test_time_window():
 
 def test_every_k_steps():
     process = make_process(10)
-    g = PredictedImagePull("pull", eta=0.1, every=3)
+    g = PredictedImagePull("pull", scale=0.1, every=3)
     active = [g.active(make_ctx(batch(), i=9 - k, process=process)) for k in range(10)]
     assert active == [k % 3 == 0 for k in range(10)]
 
@@ -119,7 +119,7 @@ def test_every_guidance_builds_from_yaml_with_class_path():
         "cfg": {"class_path": "tailgen.guidance.ClassifierFreeGuidance", "init_args": {"scale": 0.3, "null_label": 10}},
         "tail": {"class_path": "tailgen.guidance.LowDensityGuidance",
                  "init_args": {"variant": "complement", "lam": 0.5, "max_norm": 0.1, "t_min": 0.2}},
-        "x0": {"class_path": "tailgen.guidance.PredictedImagePull", "init_args": {"variant": "renoise", "eta": 0.02}},
+        "x0": {"class_path": "tailgen.guidance.PredictedImagePull", "init_args": {"variant": "renoise", "scale": 0.02}},
         "x0grad": {"class_path": "tailgen.guidance.PredictedImageGradient", "init_args": {"objective": "norm"}},
         "user": {"class_path": "user_guidance.Sharpen", "init_args": {"kernel": 5}},
     }
@@ -128,7 +128,7 @@ def test_every_guidance_builds_from_yaml_with_class_path():
     kinds = [ClassifierGuidance, EntropyScaledClassifierGuidance, ClassifierFreeGuidance, LowDensityGuidance,
              PredictedImagePull, PredictedImageGradient, Sharpen]
     assert [type(g) for g in built.values()] == kinds
-    assert built["tail"].lam == 0.5 and built["tail"].max_norm == 0.1 and built["x0"].eta == 0.02
+    assert built["tail"].lam == 0.5 and built["tail"].max_norm == 0.1 and built["x0"].scale == 0.02
     assert built["cfg"].null_label == 10 and built["user"].kernel == 5
     bad = {"tail": {"class_path": "tailgen.guidance.LowDensityGuidance", "init_args": {"variant": "bogus"}}}
     with pytest.raises(Exception, match="complement"):

@@ -9,8 +9,9 @@ from tailgen.utils import ConfigError
 class Sharpen(Guidance):
     """Unsharp mask on the predicted clean image (hook H4): x0_hat <- x0_hat + w (x0_hat - box_blur(x0_hat))."""
 
-    def __init__(self, scale: float = 0.2, kernel: int = 3, t_max: float = 0.5):
-        super().__init__(scale=scale, t_max=t_max)  # typed args -> YAML / CLI / sweeps for free
+    def __init__(self, kernel: int = 3, scale: float = 0.2, t_max: float = 0.5, **kwargs):
+        # own defaults for scale and t_max; t_min, every, schedule, start, stop arrive through **kwargs
+        super().__init__(scale=scale, t_max=t_max, **kwargs)
         if kernel < 1 or kernel % 2 == 0:
             raise ConfigError(f"Sharpen: kernel must be a positive odd integer, got {kernel}")
         self.kernel = kernel

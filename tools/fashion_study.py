@@ -28,7 +28,7 @@ def tail(variant: str = "target", scale: float = 2.0, **kw) -> dict:
             "init_args": {"variant": variant, "scale": scale, "form": "mean", **kw}}
 
 
-PULL = {"class_path": "tailgen.guidance.PredictedImagePull", "init_args": {"variant": "snr_pull", "eta": 0.02}}
+PULL = {"class_path": "tailgen.guidance.PredictedImagePull", "init_args": {"variant": "snr_pull", "scale": 0.02}}
 CFG = {"class_path": "tailgen.guidance.ClassifierFreeGuidance", "init_args": {"scale": 1.0, "null_label": 10}}
 
 RUNS: dict[str, dict] = {

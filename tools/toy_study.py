@@ -79,7 +79,7 @@ def grid(null_label: int | None) -> dict[str, tuple[str, Factory]]:
     for key, variant in PULLS.items():
         for eta in ETAS:
             g[f"x0{key}_eta{eta}"] = (f"x0 ({key})", lambda variant=variant, eta=eta: {
-                "x0": PredictedImagePull(variant, eta=eta)})
+                "x0": PredictedImagePull(variant, scale=eta)})
     for s in (1, 4):
         g[f"i_norm_s{s}"] = ("(i) x0-grad", lambda s=s: {"x0grad": PredictedImageGradient("norm", scale=s)})
     return g
@@ -91,7 +91,7 @@ def combo_grid(tail_name: str, tail_factory: Factory) -> dict[str, tuple[str, Fa
     for key, variant in PULLS.items():
         for eta in ETAS:
             g[f"{tail_name}+x0{key}_eta{eta}"] = (f"tail+x0 ({key})", lambda variant=variant, eta=eta: {
-                **tail_factory(), "x0": PredictedImagePull(variant, eta=eta)})
+                **tail_factory(), "x0": PredictedImagePull(variant, scale=eta)})
     return g
 
 

@@ -177,28 +177,43 @@ class Guidance:
     """Base of every guidance: a scale, an active window and a scale schedule (hook H6).
 
     Args:
-        scale: overall strength w (0 turns the guidance off).
-        t_min, t_max: active while t_min <= t/T <= t_max (t the original timestep, T the process length).
+        scale: overall strength w (0 turns the guidance off). Every guidance calls its strength ``scale``.
+        t_min, t_max: active while t_min <= t/T <= t_max (t the original timestep, T the process length;
+            t/T = 1 is pure noise).
         every: active on every k-th sampler step only (step 0, k, 2k, ...).
         schedule: weight as a function of tau = t/T: constant, high_noise (tau), low_noise (1 - tau),
             middle (sin(pi tau)).
+        start, stop: the same window in diffusers' vocabulary (``BaseGuidance``): fractions of the sampling
+            run, active on steps k with int(start K) <= k < int(stop K) of K steps (k = 0 is the noisiest).
+            For a uniformly respaced run this is t_max ~ 1 - start, t_min ~ 1 - stop. Both windows gate
+            (a step must lie in both); leave one of them at its default.
 
     Subclasses override any of the hooks; each hook receives the weight ``w`` (a float, or a
     [B, 1, ..., 1] tensor when ``sample_scale`` gives per-sample weights) and must return its input
-    unchanged when it has nothing to do.
+    unchanged when it has nothing to do. A subclass that forwards ``**kwargs`` to ``super().__init__``
+    keeps every knob above on YAML and the command line (jsonargparse follows the call)::
+
+        class Sharpen(Guidance):
+            def __init__(self, kernel: int = 3, **kwargs):   # scale, t_min, t_max, every, schedule, start, stop
+                super().__init__(**kwargs)
     """
 
     uses_classifier: ClassVar[bool] = False
     uses_uncond: ClassVar[bool] = False
 
     def __init__(self, scale: float = 1.0, t_min: float = 0.0, t_max: float = 1.0, every: int = 1,
-                 schedule: Schedule = "constant"):
+                 schedule: Schedule = "constant", start: float = 0.0, stop: float = 1.0):
+        name = type(self).__name__
         if not 0.0 <= t_min <= t_max <= 1.0:
-            raise ConfigError(f"{type(self).__name__}: need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+            raise ConfigError(f"{name}: need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+        if not 0.0 <= start < stop <= 1.0:
+            raise ConfigError(f"{name}: need 0 <= start < stop <= 1 (fractions of the sampling run), "
+                              f"got start={start}, stop={stop}")
         if every < 1:
-            raise ConfigError(f"{type(self).__name__}: every must be >= 1, got {every}")
+            raise ConfigError(f"{name}: every must be >= 1, got {every}")
         schedule_weight(schedule, 0.5)  # validates the name
         self.scale, self.t_min, self.t_max, self.every, self.schedule = float(scale), t_min, t_max, every, schedule
+        self.start, self.stop = start, stop
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -206,7 +221,9 @@ class Guidance:
 
     # -- gating and weights (H6)
     def active(self, ctx: StepContext) -> bool:
-        return self.scale != 0.0 and self.t_min <= ctx.tau <= self.t_max and ctx.step % self.every == 0
+        in_run = int(self.start * ctx.num_steps) <= ctx.step < int(self.stop * ctx.num_steps)
+        return (self.scale != 0.0 and self.t_min <= ctx.tau <= self.t_max and in_run
+                and ctx.step % self.every == 0)
 
     def sample_scale(self, ctx: StepContext) -> Optional[Tensor]:
         """Optional per-sample multiplier [B] (e.g. from classifier entropy); None = 1."""
@@ -252,12 +269,12 @@ class GradientGuidance(Guidance):
     * ``auto``:  mean on ancestral samplers, score otherwise.
 
     ``max_norm`` caps the per-sample RMS of w g (L2 norm / sqrt(dim)), which keeps repulsive terms
-    from exploding where they do not vanish (toy-study.md §4).
+    from exploding where they do not vanish (toy-study.md §4). ``**kwargs``: the window and schedule of
+    ``Guidance`` (t_min, t_max, every, schedule, start, stop).
     """
 
-    def __init__(self, scale: float = 1.0, form: Form = "auto", max_norm: Optional[float] = None,
-                 t_min: float = 0.0, t_max: float = 1.0, every: int = 1, schedule: Schedule = "constant"):
-        super().__init__(scale=scale, t_min=t_min, t_max=t_max, every=every, schedule=schedule)
+    def __init__(self, scale: float = 1.0, form: Form = "auto", max_norm: Optional[float] = None, **kwargs):
+        super().__init__(scale=scale, **kwargs)
         if form not in ("auto", "mean", "score", "pre"):
             raise ConfigError(f"{type(self).__name__}: form must be auto, mean, score or pre, got {form!r}")
         if max_norm is not None and max_norm <= 0:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from tailgen.guidance.base import Guidance, Schedule, StepContext
+from tailgen.guidance.base import Guidance, StepContext
 from tailgen.utils import ConfigError
 
 import torch
@@ -68,12 +68,11 @@ class CADS(Guidance):
         tau1, tau2: gamma = 1 (clean condition) for t/T <= tau1, 0 (pure noise condition) for t/T >= tau2,
             linear in between; 0 <= tau1 < tau2 <= 1.
         psi: mixing factor of the rescaled condition (paper Eq. 6), in [0, 1].
-        t_min, t_max, every, schedule: see ``Guidance`` (the shared window and strength schedule).
+        **kwargs: t_min, t_max, every, schedule, start, stop: see ``Guidance`` (the shared window and strength schedule).
     """
 
-    def __init__(self, scale: float = 0.25, tau1: float = 0.6, tau2: float = 0.9, psi: float = 1.0,
-                 t_min: float = 0.0, t_max: float = 1.0, every: int = 1, schedule: Schedule = "constant"):
-        super().__init__(scale=scale, t_min=t_min, t_max=t_max, every=every, schedule=schedule)
+    def __init__(self, scale: float = 0.25, tau1: float = 0.6, tau2: float = 0.9, psi: float = 1.0, **kwargs):
+        super().__init__(scale=scale, **kwargs)
         if not 0.0 <= tau1 < tau2 <= 1.0:
             raise ConfigError(f"CADS: need 0 <= tau1 < tau2 <= 1, got tau1={tau1}, tau2={tau2}")
         if not 0.0 <= psi <= 1.0:

@@ -44,7 +44,7 @@ from tailgen.data import toy
 from tailgen.data.fashion_mnist import NUM_CLASSES, load_fashion_mnist, to_model_range
 from tailgen.diffusion.adapters import NoisyClassifier
 from tailgen.diffusion.process import DiffusionProcess
-from tailgen.guidance.base import Form, GradientGuidance, Schedule, StepContext
+from tailgen.guidance.base import GradientGuidance, StepContext
 from tailgen.guidance.low_density import TARGET_SPACES, LowDensityGuidance, TargetSpace
 from tailgen.utils import ConfigError
 from tailgen.utils.io import array_digest, atomic_write, module_digest
@@ -149,17 +149,14 @@ class CalibratedTargetGuidance(LowDensityGuidance):
         calibration_data: ``fashion_mnist`` or ``toy``; ``data_root``: folder of the Fashion-MNIST files.
         num_images, num_times, calibration_seed: the table's subsample, timestep grid and noise seed.
         cache_dir: where tables are cached (None: rebuild every run).
-        target_space, scale, form, max_norm, t_min, t_max, every, schedule: see ``LowDensityGuidance``.
+        target_space: see ``LowDensityGuidance``; **kwargs: scale, form, max_norm and the window (``GradientGuidance``).
     """
 
     def __init__(self, target_quantile: float = 0.2, per_class: bool = False,
                  calibration_data: CalibrationData = "fashion_mnist", data_root: Optional[str] = None,
                  num_images: int = 1000, num_times: int = 20, calibration_seed: int = 0,
-                 cache_dir: Optional[str] = DEFAULT_CACHE_DIR, target_space: TargetSpace = "prob",
-                 scale: float = 1.0, form: Form = "auto", max_norm: Optional[float] = None, t_min: float = 0.0,
-                 t_max: float = 1.0, every: int = 1, schedule: Schedule = "constant"):
-        GradientGuidance.__init__(self, scale=scale, form=form, max_norm=max_norm, t_min=t_min, t_max=t_max,
-                                  every=every, schedule=schedule)
+                 cache_dir: Optional[str] = DEFAULT_CACHE_DIR, target_space: TargetSpace = "prob", **kwargs):
+        GradientGuidance.__init__(self, **kwargs)  # scale, form, max_norm, window and schedule
         name = type(self).__name__
         if not 0.0 < target_quantile < 1.0:
             raise ConfigError(f"{name}: target_quantile must lie in (0, 1), got {target_quantile}")

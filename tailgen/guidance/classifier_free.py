@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tailgen.guidance.base import Guidance, Schedule, StepContext
+from tailgen.guidance.base import Guidance, StepContext
 from tailgen.utils import ConfigError
 
 _NO_UNCOND = (
@@ -35,11 +35,11 @@ class ClassifierFreeGuidance(Guidance):
     Args:
         scale: guidance weight w (>= 0 for the usual sharpening; negative w is allowed and anti-guides).
         null_label: label index of the "no class" token, or None to use the unconditional model.
+        **kwargs: the window and schedule of ``Guidance`` (t_min, t_max, every, schedule, start, stop).
     """
 
-    def __init__(self, scale: float = 1.0, null_label: Optional[int] = None, t_min: float = 0.0,
-                 t_max: float = 1.0, every: int = 1, schedule: Schedule = "constant"):
-        super().__init__(scale=scale, t_min=t_min, t_max=t_max, every=every, schedule=schedule)
+    def __init__(self, scale: float = 1.0, null_label: Optional[int] = None, **kwargs):
+        super().__init__(scale=scale, **kwargs)
         if null_label is not None and (isinstance(null_label, bool) or int(null_label) != null_label or null_label < 0):
             raise ConfigError(
                 f"ClassifierFreeGuidance: null_label must be a non-negative integer or null, got {null_label!r}"

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tailgen.data.fashion_mnist import load_fashion_mnist, to_model_range
-from tailgen.guidance.base import Form, GradientGuidance, Schedule, StepContext, denoised_gradient, max_normalized
+from tailgen.guidance.base import GradientGuidance, StepContext, denoised_gradient, max_normalized
 from tailgen.models.spec import NetworkSpec
 from tailgen.utils import ConfigError, DataError
 from tailgen.utils.io import array_digest, atomic_write, module_digest
@@ -184,16 +184,13 @@ class SehwagHardnessGuidance(GradientGuidance):
         normalize: divide d by its per-sample max |entry|.
         cache_dir: where fitted Gaussians are kept (None: no disk cache).
         batch_size: images per forward while fitting.
-        scale: alpha; form, max_norm, t_min, t_max, every, schedule: see ``GradientGuidance``.
+        **kwargs: scale (alpha), form, max_norm and the window: see ``GradientGuidance``.
     """
 
     def __init__(self, feature_network: NetworkSpec, data: str = "fashion_mnist", data_root: Optional[str] = None,
                  timestep: int = 0, shrinkage: float = 1e-2, normalize: bool = False,
-                 cache_dir: Optional[str] = DEFAULT_CACHE_DIR, batch_size: int = 500, scale: float = 1.0,
-                 form: Form = "auto", max_norm: Optional[float] = None, t_min: float = 0.0, t_max: float = 1.0,
-                 every: int = 1, schedule: Schedule = "constant"):
-        super().__init__(scale=scale, form=form, max_norm=max_norm, t_min=t_min, t_max=t_max, every=every,
-                         schedule=schedule)
+                 cache_dir: Optional[str] = DEFAULT_CACHE_DIR, batch_size: int = 500, **kwargs):
+        super().__init__(**kwargs)
         name = type(self).__name__
         if not shrinkage >= 0:
             raise ConfigError(f"{name}: shrinkage must be >= 0, got {shrinkage}")

@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tailgen.guidance.base import Guidance, Schedule, StepContext
+from tailgen.guidance.base import Guidance, StepContext
 from tailgen.utils import ConfigError
 
 
@@ -60,14 +60,13 @@ class LangevinPull(Guidance):
 
     Args:
         scale: eta in [0, 1], the step as a fraction of the noise variance (delta = eta (1 - abar_t)); 0 = off.
-        t_min, t_max, every, schedule: see ``Guidance``.
+        **kwargs: t_min, t_max, every, schedule, start, stop: see ``Guidance``.
     """
 
-    def __init__(self, scale: float = 0.1, t_min: float = 0.0, t_max: float = 1.0, every: int = 1,
-                 schedule: Schedule = "constant"):
+    def __init__(self, scale: float = 0.1, **kwargs):
         if not 0.0 <= scale <= 1.0:
-            raise ConfigError(f"LangevinPull: scale (eta) must lie in [0, 1], got {scale}")
-        super().__init__(scale=scale, t_min=t_min, t_max=t_max, every=every, schedule=schedule)
+            raise ConfigError(f"LangevinPull: scale (the step size eta) must lie in [0, 1], got {scale}")
+        super().__init__(scale=scale, **kwargs)
 
     def before_model(self, ctx: StepContext, x: Tensor, w: float | Tensor) -> Tensor:
         if ctx.noise is None:

@@ -44,7 +44,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from tailgen.guidance.base import Form, GradientGuidance, Schedule, StepContext
+from tailgen.guidance.base import GradientGuidance, StepContext
 from tailgen.guidance.classifier import entropy, log_one_minus_p_y
 from tailgen.utils import ConfigError
 
@@ -64,17 +64,14 @@ class LowDensityGuidance(GradientGuidance):
         gamma: exponent of the damping weight (1 - p)^gamma in (d).
         target_confidence: c* in (0, 1) for (e).
         target_space: (e) matches ``prob`` (p - c*)^2 or ``log`` (log p - log c*)^2.
-        scale, form, max_norm, t_min, t_max, every, schedule: see ``GradientGuidance``.
+        **kwargs: scale, form, max_norm (``GradientGuidance``) and the window / schedule (``Guidance``).
     """
 
     uses_classifier = True
 
     def __init__(self, variant: Variant = "target", lam: float = 1.0, gamma: float = 1.0,
-                 target_confidence: float = 0.5, target_space: TargetSpace = "prob", scale: float = 1.0,
-                 form: Form = "auto", max_norm: Optional[float] = None, t_min: float = 0.0, t_max: float = 1.0,
-                 every: int = 1, schedule: Schedule = "constant"):
-        super().__init__(scale=scale, form=form, max_norm=max_norm, t_min=t_min, t_max=t_max, every=every,
-                         schedule=schedule)
+                 target_confidence: float = 0.5, target_space: TargetSpace = "prob", **kwargs):
+        super().__init__(**kwargs)
         name = type(self).__name__
         if variant not in VARIANTS:
             raise ConfigError(f"{name}: unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")

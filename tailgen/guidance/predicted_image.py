@@ -9,7 +9,7 @@ Two classes, because the variants act at different hook points with different co
   every gradient form (mean / score / pre), ``max_norm`` and composes with the classifier guidances.
 
 Toy calibration (toy-study.md): the plain pulls (f) and (h) lower the noise level below the schedule
-(sampling temperature < 1, cf. ADM App. G) and collapse diversity (rare modes vanish at eta = 0.1 per step
+(sampling temperature < 1, cf. ADM App. G) and collapse diversity (rare modes vanish at scale = 0.1 per step
 with 100 steps, while precision looks *better*); (g) is neutral at best; (i) is untested. All of them are
 here so they can be measured side by side.
 """
@@ -17,12 +17,12 @@ here so they can be measured side by side.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from tailgen.guidance.base import Form, GradientGuidance, Guidance, Schedule, StepContext, denoised_gradient
+from tailgen.guidance.base import GradientGuidance, Guidance, StepContext, denoised_gradient
 from tailgen.utils import ConfigError
 
 PullVariant = Literal["pull", "snr_pull", "renoise"]
@@ -32,42 +32,33 @@ OBJECTIVES = ("classifier_log_prob", "norm")
 
 
 class PredictedImagePull(Guidance):
-    """Post-step pull of x_{t-1} toward the predicted clean image (H5), with a = sqrt(abar_{t-1})::
+    """Post-step pull of x_{t-1} toward the predicted clean image (H5), with a = sqrt(abar_{t-1}) and
+    w = ``scale`` times the schedule weight::
 
-        pull      (f)  x_{t-1} <- x_{t-1} + eta (a x0_hat - x_{t-1})
-        snr_pull  (g)  x_{t-1} <- (1 - eta) x_{t-1} + eta (a x0_hat + sqrt(1 - abar_{t-1}) eps_hat)
-        renoise   (h)  x_{t-1} <- (1 - eta) x_{t-1} + eta q_sample(x0_hat, t-1)     (z from ``noise.extra``)
+        pull      (f)  x_{t-1} <- x_{t-1} + w (a x0_hat - x_{t-1})
+        snr_pull  (g)  x_{t-1} <- (1 - w) x_{t-1} + w (a x0_hat + sqrt(1 - abar_{t-1}) eps_hat)
+        renoise   (h)  x_{t-1} <- (1 - w) x_{t-1} + w q_sample(x0_hat, t-1)     (z from ``noise.extra``)
 
     (f) moves toward a noise-free point (removes part of the noise component: temperature < 1); (g) toward
-    the DDIM (eta=0) point of the same x0_hat, at the right noise level (interpolates DDPM and DDIM); (h) toward
+    the deterministic DDIM point of the same x0_hat, at the right noise level (interpolates DDPM and DDIM); (h) toward
     a fresh re-noising of x0_hat (ILVR-style without a reference). At the last step abar_{t-1} = 1 and all
-    three reduce to (1 - eta) x_prev + eta x0_hat: a no-op when the sampler's last x_prev is x0_hat (DDPM and
+    three reduce to (1 - w) x_prev + w x0_hat: a no-op when the sampler's last x_prev is x0_hat (DDPM and
     DDIM both end on it, unless a mean-form gradient shifted the last mean).
 
     Args:
         variant: ``pull`` (f), ``snr_pull`` (g) or ``renoise`` (h).
-        eta: per-step pull fraction in [0, 1] (this guidance's ``scale``; the schedule multiplies it, e.g.
-            ``low_noise`` for a pull that decays toward high t). Depends on the step count.
-        t_min, t_max, every, schedule: see ``Guidance``.
+        scale: per-step pull fraction in [0, 1] (the schedule multiplies it, e.g. ``low_noise`` for a pull
+            that decays toward high t). Depends on the step count.
+        **kwargs: the window and schedule of ``Guidance`` (t_min, t_max, every, schedule, start, stop).
     """
 
-    def __init__(self, variant: PullVariant = "snr_pull", eta: float = 0.05, t_min: float = 0.0,
-                 t_max: float = 1.0, every: int = 1, schedule: Schedule = "constant"):
+    def __init__(self, variant: PullVariant = "snr_pull", scale: float = 0.05, **kwargs):
         if variant not in PULL_VARIANTS:
             raise ConfigError(f"PredictedImagePull: unknown variant {variant!r}: use one of {', '.join(PULL_VARIANTS)}")
-        if not 0.0 <= eta <= 1.0:
-            raise ConfigError(f"PredictedImagePull: eta must lie in [0, 1], got {eta}")
-        super().__init__(scale=eta, t_min=t_min, t_max=t_max, every=every, schedule=schedule)
+        if not 0.0 <= scale <= 1.0:
+            raise ConfigError(f"PredictedImagePull: scale (the per-step pull fraction) must lie in [0, 1], got {scale}")
+        super().__init__(scale=scale, **kwargs)
         self.variant = variant
-
-    # ``eta`` is this guidance's name for the base ``scale`` (one attribute, so repr and sweeps show eta)
-    @property
-    def scale(self) -> float:  # type: ignore[override]
-        return self.eta
-
-    @scale.setter
-    def scale(self, value: float) -> None:
-        self.eta = float(value)
 
     def after_step(self, ctx: StepContext, x_prev: Tensor, w: float | Tensor) -> Tensor:
         if ctx.pred is None:
@@ -101,18 +92,15 @@ class PredictedImageGradient(GradientGuidance):
 
     Args:
         objective: ``classifier_log_prob`` or ``norm``.
-        scale, form, max_norm, t_min, t_max, every, schedule: see ``GradientGuidance``.
+        **kwargs: scale, form, max_norm (``GradientGuidance``) and the window / schedule (``Guidance``).
     """
 
-    def __init__(self, objective: Objective = "norm", scale: float = 1.0, form: Form = "auto",
-                 max_norm: Optional[float] = None, t_min: float = 0.0, t_max: float = 1.0, every: int = 1,
-                 schedule: Schedule = "constant"):
+    def __init__(self, objective: Objective = "norm", **kwargs):
         if objective not in OBJECTIVES:
             raise ConfigError(
                 f"PredictedImageGradient: unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}"
             )
-        super().__init__(scale=scale, form=form, max_norm=max_norm, t_min=t_min, t_max=t_max, every=every,
-                         schedule=schedule)
+        super().__init__(**kwargs)
         self.objective = objective
 
     @property

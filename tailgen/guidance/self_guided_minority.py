@@ -39,12 +39,11 @@ unguided and 699 with ADM-G (2.2x unguided; the backward costs less than two for
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from tailgen.guidance.base import Form, GradientGuidance, Schedule, StepContext, denoised_gradient, max_normalized
+from tailgen.guidance.base import GradientGuidance, StepContext, denoised_gradient, max_normalized
 from tailgen.utils import ConfigError
 
 
@@ -57,15 +56,13 @@ class SelfGuidedMinorityGuidance(GradientGuidance):
         num_noise: Monte-Carlo re-noisings M per active step (reference ``num_mc_samples`` 1); each costs one
             network forward.
         normalize: divide the gradient by its per-sample max |entry| (reference ``use_normed_grad``).
-        scale: w (reference ``mg_scale``); form, max_norm, t_min, t_max, every, schedule: see ``GradientGuidance``
+        scale: w (reference ``mg_scale``); **kwargs: form, max_norm and the window: see ``GradientGuidance``
             (``every`` is the reference ``inter_rate``).
     """
 
     def __init__(self, scale: float = 0.2, renoise_ratio: float = 0.8, num_noise: int = 1, normalize: bool = True,
-                 form: Form = "auto", max_norm: Optional[float] = None, t_min: float = 0.0, t_max: float = 1.0,
-                 every: int = 1, schedule: Schedule = "constant"):
-        super().__init__(scale=scale, form=form, max_norm=max_norm, t_min=t_min, t_max=t_max, every=every,
-                         schedule=schedule)
+                 **kwargs):
+        super().__init__(scale=scale, **kwargs)
         name = type(self).__name__
         if not 0.0 < renoise_ratio < 1.0:
             raise ConfigError(f"{name}: renoise_ratio must lie in (0, 1) (reference 0.8), got {renoise_ratio}")

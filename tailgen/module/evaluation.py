@@ -84,6 +84,26 @@ class Evaluation:
                                           **self.reference_source())
 
 
+    def evaluate(self, images, labels=None, *, num_classes: Optional[int] = None, batch_size: int = 250) -> dict[str, float]:
+        """Python API: the configured metrics of uint8 N x H x W x C ``images`` (numpy or tensor, e.g. from
+        ``GuidedDiffusion.generate``) and their requested ``labels`` (needed by classwise / tail), without a
+        Trainer. ``num_classes`` defaults to the largest label + 1."""
+        import torch
+
+        images = torch.as_tensor(np.asarray(images))
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ConfigError(f"evaluate() takes uint8 N x H x W x C images, got {images.dtype} {tuple(images.shape)}")
+        labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        if labels is not None and len(labels) != len(images):
+            raise ConfigError(f"evaluate() got {len(images)} images but {len(labels)} labels")
+        if num_classes is None and labels is not None:
+            num_classes = int(labels.max()) + 1
+        suite = self.build_suite(num_classes)
+        for k in range(0, len(images), batch_size):
+            suite.update(images[k:k + batch_size].permute(0, 3, 1, 2), None if labels is None else labels[k:k + batch_size])
+        return as_floats(suite.compute())
+
+
 def format_table(values: dict[str, float]) -> str:
     """The headline metrics first, then per-class means; per-class entries stay in metrics.json."""
     rows = [(k, values[k]) for k in HEADLINE if k in values]

@@ -7,7 +7,7 @@ Lightning handles devices, DDP and precision; everything below this file is plai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import lightning as L
 import torch
@@ -19,6 +19,7 @@ from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.models.spec import NetworkSpec
 from tailgen.module.evaluation import Evaluation, as_floats, format_table, write_report
+from tailgen.module.sampling_data import sample_seed
 from tailgen.sampling import SAMPLERS
 from tailgen.utils import ConfigError
 from tailgen.utils.images import make_grid, to_uint8
@@ -108,7 +109,8 @@ class GuidedDiffusion(L.LightningModule):
 
     def sample(self, labels: Optional[Tensor], seeds: Optional[Tensor] = None, *, noise: Optional[NoiseSource] = None,
                callback: Optional[Callable[[dict], None]] = None) -> Tensor:
-        """Sample one image per label: noise from per-sample ``seeds`` (or an explicit ``noise`` source, e.g.
+        """Sample one image per label (one batch): noise from per-sample ``seeds`` (default: those of
+        ``tailgen predict`` with data seed 0, ``sample_seed(0, k)``), or an explicit ``noise`` source (e.g.
         recorded noise to replay). Returns float NCHW in [-1, 1]."""
         if labels is not None:
             self.check_labels(labels)
@@ -116,6 +118,10 @@ class GuidedDiffusion(L.LightningModule):
         with torch.inference_mode(False), torch.no_grad():
             labels = labels.clone() if labels is not None else None
             if noise is None:
+                if seeds is None:
+                    if labels is None:
+                        raise ConfigError("sample() needs labels or seeds (how many samples to draw)")
+                    seeds = torch.tensor([sample_seed(0, k) for k in range(len(labels))])
                 noise = SeededNoise(seeds.tolist(), device=self.device)
             x = noise.initial((len(labels) if labels is not None else len(seeds), *self.image_shape))
             return SAMPLERS[self.sampler](
@@ -124,6 +130,35 @@ class GuidedDiffusion(L.LightningModule):
                 clip_denoised=self.clip_denoised, callback=callback, progress=self.progress,
                 **({"eta": self.eta} if self.sampler == "ddim" else {}),
             )
+
+    def generate(self, labels: Optional[Sequence[int] | Tensor] = None, seeds: Optional[Sequence[int] | Tensor] = None,
+                 *, seed: int = 0, batch_size: int = 64) -> Tensor:
+        """Python API: images for ``labels`` without a Trainer, in batches of ``batch_size``.
+
+        ``seeds`` (one per sample) default to ``sample_seed(seed, k)``, the seeds ``tailgen predict --data.seed
+        SEED`` gives sample k, so the same labels give the same images as the command line. An unconditional
+        model takes ``seeds`` alone (or labels, which then only count the samples). Returns uint8 N x H x W x C
+        (guided-diffusion's sample layout) on the CPU.
+        """
+        if labels is None and seeds is None:
+            raise ConfigError("generate() needs labels (one per sample) or seeds")
+        n = len(labels) if labels is not None else len(seeds)
+        labels = torch.as_tensor(labels, dtype=torch.int64) if labels is not None else None
+        seeds = (torch.as_tensor(seeds, dtype=torch.int64) if seeds is not None
+                 else torch.tensor([sample_seed(seed, k) for k in range(n)], dtype=torch.int64))
+        if len(seeds) != n:
+            raise ConfigError(f"generate() got {n} labels but {len(seeds)} seeds: give one seed per sample")
+        if labels is not None:
+            self.check_labels(labels)
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [to_uint8(self.sample(None if labels is None else labels[k:k + batch_size].to(self.device),
+                                           seeds[k:k + batch_size])).cpu()
+                      for k in range(0, n, batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(chunks)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict[str, Tensor]:
         images = self.sample(batch["label"], batch["seed"])
