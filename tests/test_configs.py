@@ -16,7 +16,7 @@ import yaml
 from tailgen.cli import main
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
-CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "sweeps" and not p.name.startswith("eval"))
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name not in ("sweeps", "study") and not p.name.startswith("eval"))
 OVERLAYS = sorted(ROOT.rglob("eval*.yaml"))
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 SAMPLING = [p for p in CONFIGS if not p.name.startswith("train") and p.name != "base.yaml"]

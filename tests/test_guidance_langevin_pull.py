@@ -114,7 +114,7 @@ def test_ddpm_keeps_the_unguided_marginal_variance_while_the_plain_pull_shrinks_
         for a, b in zip(steps, base_steps):
             assert a == pytest.approx(b, rel=0.02)
         assert (guided.var(0) / base.var(0)).mean().item() == pytest.approx(1.0, abs=0.015)
-    pulled, pulled_steps, _ = run_ddpm([PredictedImagePull("pull", eta=0.1)], std)
+    pulled, pulled_steps, _ = run_ddpm([PredictedImagePull("pull", scale=0.1)], std)
     assert (pulled.var(0) / base.var(0)).mean().item() < 0.7
     assert pulled_steps[-1] < 0.7 * base_steps[-1]
 

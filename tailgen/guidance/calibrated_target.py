@@ -155,8 +155,8 @@ class CalibratedTargetGuidance(LowDensityGuidance):
     def __init__(self, target_quantile: float = 0.2, per_class: bool = False,
                  calibration_data: CalibrationData = "fashion_mnist", data_root: Optional[str] = None,
                  num_images: int = 1000, num_times: int = 20, calibration_seed: int = 0,
-                 cache_dir: Optional[str] = DEFAULT_CACHE_DIR, target_space: TargetSpace = "prob", **kwargs):
-        GradientGuidance.__init__(self, **kwargs)  # scale, form, max_norm, window and schedule
+                 cache_dir: Optional[str] = DEFAULT_CACHE_DIR, target_space: TargetSpace = "prob", scale: float = 1.0, **kwargs):
+        GradientGuidance.__init__(self, scale=scale, **kwargs)  # form, max_norm, window and schedule
         name = type(self).__name__
         if not 0.0 < target_quantile < 1.0:
             raise ConfigError(f"{name}: target_quantile must lie in (0, 1), got {target_quantile}")
