@@ -72,7 +72,7 @@ class Evaluation:
         """The metric suite with its reference features (cached on disk)."""
         clean = None
         if self.feature_network is not None:
-            clean = ClassifierFeatures(self.feature_network.build(), timestep=0, name=self.feature_network.preset)
+            clean = ClassifierFeatures(self.feature_network.build(key="model.init_args.evaluation.init_args.feature_network"), timestep=0, name=self.feature_network.preset)
         if self.features == "inception":
             from tailgen.metrics.inception import InceptionFeatures
 

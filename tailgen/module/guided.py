@@ -20,6 +20,7 @@ from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.models.spec import NetworkSpec
 from tailgen.module.evaluation import Evaluation, as_floats, format_table, write_report
 from tailgen.sampling import SAMPLERS
+from tailgen.sampling.sanity import SampleMonitor
 from tailgen.utils import ConfigError
 from tailgen.utils.images import make_grid, to_uint8
 
@@ -43,6 +44,8 @@ class GuidedDiffusion(L.LightningModule):
             (a network trained with label dropout has one more row, the null label).
         evaluation: what ``tailgen test`` measures (metrics, features, reference data).
         progress: show a progress bar over sampler steps.
+        check_samples: refuse degenerate batches (saturated or constant images; ``sampling/sanity.py``), naming
+            the guidance whose term dominated and the step. Non-finite values are always refused.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class GuidedDiffusion(L.LightningModule):
         num_classes: Optional[int] = None,
         evaluation: Optional[Evaluation] = None,
         progress: bool = True,
+        check_samples: bool = True,
     ):
         super().__init__()
         if sampler not in SAMPLERS:
@@ -67,9 +71,13 @@ class GuidedDiffusion(L.LightningModule):
         if isinstance(diffusion.get("timestep_respacing"), int):  # `--model.diffusion.timestep_respacing=250`
             diffusion["timestep_respacing"] = str(diffusion["timestep_respacing"])
         self.process = DiffusionProcess.from_flags(**{**network.diffusion_flags, **diffusion})
+        specs = {"network": network, "classifier": classifier, "unconditional": unconditional}
+        for role, spec in specs.items():  # every network has weights before any is loaded
+            if spec is not None:
+                spec.check_weights(f"model.init_args.{role}")
         self.net = network.build()
-        self.classifier_net = classifier.build() if classifier is not None else None
-        self.uncond_net = unconditional.build() if unconditional is not None else None
+        self.classifier_net = classifier.build(key="model.init_args.classifier") if classifier is not None else None
+        self.uncond_net = unconditional.build(key="model.init_args.unconditional") if unconditional is not None else None
         flags = network.flags_resolved
         class_cond = flags.get("class_cond", network.kind == "toy_denoiser")
         num_classes = num_classes or network.sampling.get("num_classes") or flags.get("num_classes", 1000)
@@ -77,9 +85,10 @@ class GuidedDiffusion(L.LightningModule):
         self.image_shape = ((flags.get("in_channels", 3), flags["image_size"], flags["image_size"])
                             if "image_size" in flags else (flags.get("in_dim", 2),))
         self.sampler, self.eta, self.clip_denoised, self.progress = sampler, eta, clip_denoised, progress
+        self.check_samples = check_samples
         self.evaluation, self.suite = evaluation, None
         self.guidances = dict(guidances or {})
-        self.stack = GuidanceStack(list(self.guidances.values()))
+        self.stack = GuidanceStack(self.guidances)
         self.stack.validate(sampler=sampler, has_classifier=self.classifier_net is not None,
                             has_uncond=self.uncond_net is not None)
         self.freeze()
@@ -118,12 +127,14 @@ class GuidedDiffusion(L.LightningModule):
             if noise is None:
                 noise = SeededNoise(seeds.tolist(), device=self.device)
             x = noise.initial((len(labels) if labels is not None else len(seeds), *self.image_shape))
-            return SAMPLERS[self.sampler](
+            monitor = SampleMonitor(self.stack, callback)
+            x = SAMPLERS[self.sampler](
                 self._denoiser(), x.to(self.device), self.process, labels if self.num_classes is not None else None,
                 guidance=self.stack, noise=noise, classifier=self._classifier(), uncond=self._uncond(),
-                clip_denoised=self.clip_denoised, callback=callback, progress=self.progress,
+                clip_denoised=self.clip_denoised, callback=monitor, progress=self.progress,
                 **({"eta": self.eta} if self.sampler == "ddim" else {}),
             )
+            return monitor.check(x) if self.check_samples else x
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict[str, Tensor]:
         images = self.sample(batch["label"], batch["seed"])
