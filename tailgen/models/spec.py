@@ -41,7 +41,8 @@ class NetworkSpec:
             )
         self.preset = preset
         self.flags = dict(flags or {})
-        self.checkpoint = checkpoint
+        # `--...checkpoint=null` over a config that sets a path reaches here as the string "None" (jsonargparse)
+        self.checkpoint = None if checkpoint in ("", "None", "null") else checkpoint
         self.prefix = prefix
         self.random_init = bool(random_init)
         if preset is not None:
@@ -52,7 +53,7 @@ class NetworkSpec:
                 raise ConfigError(f"network kind must be one of {', '.join(BUILDERS)}, got {kind!r}")
             self._preset = None
             self.kind = kind
-        if self.random_init and checkpoint:
+        if self.random_init and self.checkpoint:
             raise ConfigError(f"a network has both checkpoint={checkpoint!r} and random_init: true: drop one of them")
 
     @property

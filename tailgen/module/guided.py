@@ -72,9 +72,18 @@ class GuidedDiffusion(L.LightningModule):
             diffusion["timestep_respacing"] = str(diffusion["timestep_respacing"])
         self.process = DiffusionProcess.from_flags(**{**network.diffusion_flags, **diffusion})
         specs = {"network": network, "classifier": classifier, "unconditional": unconditional}
-        for role, spec in specs.items():  # every network has weights before any is loaded
-            if spec is not None:
-                spec.check_weights(f"model.init_args.{role}")
+        size = network.flags_resolved.get("image_size")
+        for role, spec in specs.items():  # every network has weights and the model's resolution before any loads
+            if spec is None:
+                continue
+            spec.check_weights(f"model.init_args.{role}")
+            other = spec.flags_resolved.get("image_size")
+            if size is not None and other is not None and other != size:
+                raise ConfigError(
+                    f"model.init_args.{role} is built for {other}x{other} images but the diffusion model "
+                    f"(model.init_args.network) makes {size}x{size}: use a {role} of the same resolution "
+                    f"(e.g. the {size}x{size}_classifier preset with {size}x{size}_diffusion)"
+                )
         self.net = network.build()
         self.classifier_net = classifier.build(key="model.init_args.classifier") if classifier is not None else None
         self.uncond_net = unconditional.build(key="model.init_args.unconditional") if unconditional is not None else None
@@ -148,7 +157,11 @@ class GuidedDiffusion(L.LightningModule):
             if self.evaluation is None:
                 raise ConfigError("tailgen test needs model.evaluation (metrics, features, reference): "
                                   "add e.g. --config configs/fashion/eval.yaml")
-            self.suite = self.evaluation.build_suite(self.num_classes)
+            dataset = getattr(getattr(self.trainer, "datamodule", None), "dataset", None) if self._trainer else None
+            sample_shape = getattr(dataset, "image_shape", None)  # an existing samples.npz, else what we sample
+            if sample_shape is None and len(self.image_shape) == 3:
+                sample_shape = (self.image_shape[1], self.image_shape[2], self.image_shape[0])
+            self.suite = self.evaluation.build_suite(self.num_classes, sample_shape=sample_shape)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> None:
         if "images" in batch:  # evaluating an existing samples.npz
