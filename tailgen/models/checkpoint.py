@@ -202,9 +202,12 @@ def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     ]
     if not (missing or unexpected or mismatched):
         return None
-    lines = [f"checkpoint does not fit the {type(model).__name__} ({len(expected)} tensors; file has {len(given)})."]
     file_kind, net_kind = describe_layout(given), _network_kind(model)
-    if file_kind and net_kind and file_kind != net_kind:
+    wrong_kind = file_kind and net_kind and file_kind != net_kind
+    lines = [f"checkpoint does not fit the {type(model).__name__} ({len(expected)} tensors; file has {len(given)})"
+             + (f": {_article(file_kind)} {file_kind} file given as a "
+                f"{net_kind if net_kind != 'model' else 'diffusion model'}." if wrong_kind else ".")]
+    if wrong_kind:
         lines.append(
             f"  This file is {_KIND_WORDS[file_kind]}, but it was given as {_KIND_WORDS[net_kind]}: "
             f"{_article(file_kind)} {file_kind} file given as a {net_kind if net_kind != 'model' else 'diffusion model'}."
