@@ -51,7 +51,7 @@ def check_finite(ctx, x: Tensor, stack) -> None:
     if bad:
         culprit = bad[0]
     elif ctx.terms:
-        ratios = {name: _ratio(term, ctx.network_term) for name, term in ctx.terms.items()}
+        ratios = {name: float(_ratio(term, ctx.network_term)) for name, term in ctx.terms.items()}
         name = max(ratios, key=ratios.get)
         culprit = name if ratios[name] > 1 else None
     if culprit is None:
@@ -66,12 +66,10 @@ def check_finite(ctx, x: Tensor, stack) -> None:
     )
 
 
-def _ratio(term: Tensor, network_term: Optional[Tensor]) -> float:
-    """Largest per-sample ratio guidance term / network score (inf-safe)."""
+def _ratio(term: Tensor, network_term: Optional[Tensor]) -> Tensor:
+    """Largest per-sample ratio guidance term / network score (the score floored at 1; NaN counts as inf)."""
     term = torch.nan_to_num(term.float(), nan=float("inf"))
-    if network_term is None:
-        return float(term.max())
-    return float((term / network_term.float().clamp_min(1.0)).max())
+    return (term if network_term is None else term / network_term.float().clamp_min(1.0)).max()
 
 
 class SampleMonitor:
@@ -83,16 +81,20 @@ class SampleMonitor:
 
     def __init__(self, stack, callback: Optional[Callable[[dict], None]] = None):
         self.stack, self.callback = stack, callback
-        self.peak: dict[str, tuple[Tensor, int, int]] = {}  # name -> (ratio, step, t)
+        self.peak: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (peak ratio, [step, t] of the peak)
         self.num_steps = 0
 
     def __call__(self, info: dict) -> None:
         network = info.get("network_term")
         for name, term in info.get("terms", {}).items():
-            ratio = term.float().max() if network is None else (term.float() / network.float().clamp_min(1.0)).max()
+            ratio = _ratio(term, network)
+            at = torch.tensor([info["step"], info["t"]], device=ratio.device)
             best = self.peak.get(name)
-            if best is None or bool(ratio > best[0]):
-                self.peak[name] = (ratio, info["step"], info["t"])
+            if best is None:
+                self.peak[name] = (ratio, at)
+            else:  # torch.where keeps it on the device: no sync per step
+                better = ratio > best[0]
+                self.peak[name] = (torch.where(better, ratio, best[0]), torch.where(better, at, best[1]))
         self.num_steps = info["step"] + 1
         if self.callback is not None:
             self.callback(info)
@@ -101,7 +103,8 @@ class SampleMonitor:
         """'guidance NAME (...) dominated: its term peaked at step k (t=...) at R x the network's score'."""
         if not self.peak:
             return "no guidance is active: the network or clip_denoised=false is the cause; check the weights"
-        name, (ratio, step, t) = max(self.peak.items(), key=lambda item: float(item[1][0]))
+        name, (ratio, at) = max(self.peak.items(), key=lambda item: float(item[1][0]))
+        step, t = (int(v) for v in at.tolist())
         if float(ratio) <= 1:
             return (f"no guidance term exceeded the network's own score (largest: {name!r}, {float(ratio):.2g} x): "
                     "the network or clip_denoised=false is the cause; check the weights")
