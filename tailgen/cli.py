@@ -106,10 +106,14 @@ def check_config_files(args: list[str]) -> None:
     """ConfigError for a ``--config`` file that is missing or not valid YAML, with file, line and column
     (jsonargparse reports only the parser's complaint)."""
     for k, arg in enumerate(args):
-        path = args[k + 1] if arg == "--config" and k + 1 < len(args) else arg.partition("=")[2] if arg.startswith(
-            "--config=") else None
-        if path is None:
+        if arg == "--config" and k + 1 < len(args):
+            path = args[k + 1]
+        elif arg.startswith("--config="):
+            path = arg[len("--config="):]
+        else:
             continue
+        if not os.path.isfile(path) and any(c in path for c in ":{\n"):
+            continue  # jsonargparse also takes inline YAML / JSON as --config
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         try:
