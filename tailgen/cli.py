@@ -67,9 +67,19 @@ def _tailgen_error(exc: BaseException) -> Optional[TailgenError]:
 _NOISE = ("Does not validate against any", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
 
 
-def _type_names(subtypes: str) -> str:
-    """"[<class 'str'>, <class 'int'>, list[int]]" -> "str, int, list[int]"."""
-    return re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", subtypes.strip()[1:-1])
+def _type_names(subtypes: str) -> list[str]:
+    """"[<class 'str'>, <class 'int'>, list[int]]" -> ["str", "int", "list[int]"] (top-level commas only)."""
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", subtypes.strip()[1:-1])
+    names, depth, start = [], 0, 0
+    for k, char in enumerate(text + ","):
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        elif char == "," and depth == 0:
+            names.append(text[start:k].strip())
+            start = k + 1
+    return [name for name in names if name]
 
 
 def condense_parser_error(message: str) -> str:
@@ -83,8 +93,9 @@ def condense_parser_error(message: str) -> str:
     for n, line in enumerate(lines):
         text = line.strip().lstrip("-").strip()
         indent = len(line) - len(line.lstrip(" -"))
-        if text.startswith("Subtypes:") and "NoneType" not in text.replace(", <class 'NoneType'>", ""):
-            subtypes = (indent, text[len("Subtypes:"):])
+        if text.startswith("Subtypes:"):  # a real union (two or more types besides None), not Optional[X]
+            names = [name for name in _type_names(text[len("Subtypes:"):]) if name != "NoneType"]
+            subtypes = (indent, ", ".join(names)) if len(names) >= 2 else None
         if not text or text.startswith(_NOISE):
             continue
         if m := re.match(r'Parser key "(.+)":$', text):
@@ -97,7 +108,7 @@ def condense_parser_error(message: str) -> str:
             if subtypes is not None and path and subtypes[0] > path[-1][0]:
                 given = next((rest.strip()[len("Given value:"):].strip() for rest in lines[n:]
                               if rest.strip().startswith("Given value:")), "?")
-                text = f"got {given}, expected one of {_type_names(subtypes[1])}"
+                text = f"got {given}, expected one of {subtypes[1]}"
             return f"{keys}{where}: {text}" if keys else text
     return message.strip()
 
