@@ -13,13 +13,16 @@ import sys
 from typing import Optional
 
 import lightning as L
+import yaml
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import tailgen.guidance  # noqa: F401  (registers guidance classes for short class_path names)
 from tailgen.module.writer import SampleWriter
-from tailgen.utils import TailgenError
+from tailgen.utils import ConfigError, TailgenError
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -34,6 +37,14 @@ class TailgenCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The sample writer is always there on predict; its options are --writer.*.
         parser.add_lightning_class_args(SampleWriter, "writer")
+
+    def before_fit(self) -> None:
+        if not is_overridden("training_step", self.model):
+            raise ConfigError(
+                f"tailgen fit trains tailgen's own models (model.class_path tailgen.module.train.DiffusionTrainer or "
+                f"ClassifierTrainer, e.g. configs/fashion/train_diffusion.yaml); {type(self.model).__name__} has "
+                "nothing to train: run this config with `tailgen predict` or `tailgen test`"
+            )
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -57,14 +68,35 @@ def _tailgen_error(exc: BaseException) -> Optional[TailgenError]:
 _NOISE = ("Does not validate against any", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
 
 
+def _type_names(subtypes: str) -> list[str]:
+    """"[<class 'str'>, <class 'int'>, list[int]]" -> ["str", "int", "list[int]"] (top-level commas only)."""
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", subtypes.strip()[1:-1])
+    names, depth, start = [], 0, 0
+    for k, char in enumerate(text + ","):
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        elif char == "," and depth == 0:
+            names.append(text[start:k].strip())
+            start = k + 1
+    return [name for name in names if name]
+
+
 def condense_parser_error(message: str) -> str:
     """jsonargparse reports a bad value through nested union attempts; keep the dotted key and the root cause:
-    ``model.guidances.cg.scale: Expected a <class 'float'>. Got value: strong``."""
+    ``model.guidances.cg.scale: Expected a <class 'float'>. Got value: strong``; for a value that fits none of
+    a union's types: ``data.labels: got ['a'], expected one of str, int, list[int] (...)``."""
     path: list[tuple[int, str]] = []
     class_path: Optional[tuple[int, str]] = None
-    for line in message.splitlines():
+    subtypes: Optional[tuple[int, str]] = None
+    lines = message.splitlines()
+    for n, line in enumerate(lines):
         text = line.strip().lstrip("-").strip()
         indent = len(line) - len(line.lstrip(" -"))
+        if text.startswith("Subtypes:"):  # a real union (two or more types besides None), not Optional[X]
+            names = [name for name in _type_names(text[len("Subtypes:"):]) if name != "NoneType"]
+            subtypes = (indent, ", ".join(names)) if len(names) >= 2 else None
         if not text or text.startswith(_NOISE):
             continue
         if m := re.match(r'Parser key "(.+)":$', text):
@@ -74,8 +106,38 @@ def condense_parser_error(message: str) -> str:
         else:
             keys = ".".join(k for i, k in path if i < indent)
             where = f" (class_path {class_path[1]})" if class_path and class_path[0] < indent else ""
+            if subtypes is not None and path and subtypes[0] > path[-1][0]:
+                given = next((rest.strip()[len("Given value:"):].strip() for rest in lines[n:]
+                              if rest.strip().startswith("Given value:")), "?")
+                text = f"got {given}, expected one of {subtypes[1]}"
             return f"{keys}{where}: {text}" if keys else text
     return message.strip()
+
+
+def check_config_files(args: list[str]) -> None:
+    """ConfigError for a ``--config`` file that is missing or not valid YAML, with file, line and column
+    (jsonargparse reports only the parser's complaint)."""
+    for k, arg in enumerate(args):
+        if arg == "--config" and k + 1 < len(args):
+            path = args[k + 1]
+        elif arg.startswith("--config="):
+            path = arg[len("--config="):]
+        else:
+            continue
+        if not os.path.isfile(path) and any(c in path for c in ":{\n"):
+            continue  # jsonargparse also takes inline YAML / JSON as --config
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = " ".join(str(getattr(error, "problem", None) or error).split())
+            context = getattr(error, "context", None)
+            raise ConfigError(f"YAML syntax error in {path}{where}: {problem}"
+                              + (f" ({context})" if context else "")) from None
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -86,12 +148,15 @@ def main(args: Optional[list[str]] = None) -> None:
 
         return sweep((sys.argv[1:] if args is None else args)[1:])
     try:
+        check_config_files(sys.argv[1:] if args is None else list(args))
         run_cli(args)
     except ArgumentError as exc:
         print(f"tailgen: error: {condense_parser_error(str(exc))}\n(see `tailgen <subcommand> --help`)", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as exc:
         error = _tailgen_error(exc)
+        if error is None and isinstance(exc, MisconfigurationException):  # Lightning's own config complaints
+            error = str(exc).strip()
         if error is None:
             raise
         print(f"tailgen: error: {error}", file=sys.stderr)

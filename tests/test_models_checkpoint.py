@@ -143,3 +143,30 @@ def test_wrappers_and_prefixes(tmp_path):
     with pytest.raises(CheckpointError) as error:  # prefixed keys without prefix= : the error says which prefix
         load_into(torch.nn.Linear(2, 1), {f"net.{k}": v for k, v in torch.nn.Linear(2, 1).state_dict().items()})
     assert "prefix=" in str(error.value) and "net." in str(error.value)
+
+
+def test_empty_random_and_safetensors_files(tmp_path, monkeypatch):
+    import json
+    import struct
+    import sys
+    import types
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\)"):
+        load_state_dict_file(tmp_path / "empty.pt")
+    (tmp_path / "random.pt").write_bytes(bytes(range(7, 256)) * 4)
+    with pytest.raises(CheckpointError, match="is not a PyTorch file") as error:
+        load_state_dict_file(tmp_path / "random.pt")
+    assert "pickled" not in str(error.value)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(CheckpointError, match="is a safetensors file.*pip install safetensors"):
+        load_state_dict_file(path)
+    fake = types.ModuleType("safetensors.torch")  # installed: loaded through safetensors (tensors only)
+    fake.load_file = lambda name, device="cpu": {"w": torch.zeros(2)}
+    monkeypatch.setitem(sys.modules, "safetensors", types.ModuleType("safetensors"))
+    monkeypatch.setitem(sys.modules, "safetensors.torch", fake)
+    assert list(load_state_dict_file(path)) == ["w"]

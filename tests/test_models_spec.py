@@ -38,14 +38,24 @@ def test_build_from_checkpoint_is_frozen_and_exact():
     assert spec.diffusion_flags == {"diffusion_steps": 1000, "noise_schedule": "cosine", "learn_sigma": True}
 
 
-def test_build_kinds_without_checkpoint():
-    classifier = NetworkSpec(kind="classifier", flags=dict(image_size=32, classifier_width=32, classifier_depth=1,
-                                                           classifier_attention_resolutions="16,8",
-                                                           classifier_channel_mult="1,2,2")).build()
+def test_random_weights_only_on_opt_in():
+    flags = dict(image_size=32, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="16,8",
+                 classifier_channel_mult="1,2,2")
+    with pytest.raises(ConfigError) as error:  # flags only, no weights: an error naming the key, not noise
+        NetworkSpec(kind="classifier", flags=flags).build(key="model.init_args.classifier")
+    assert "model.init_args.classifier.checkpoint" in str(error.value) and "random_init" in str(error.value)
+    with pytest.raises(ConfigError, match=r"preset '64x64_diffusion' has no weights.*64x64_diffusion.pt"):
+        NetworkSpec(preset="64x64_diffusion").build()
+    with pytest.raises(ConfigError, match="drop one"):
+        NetworkSpec(kind="classifier", flags=flags, checkpoint="w.pt", random_init=True)
+    classifier = NetworkSpec(kind="classifier", flags=flags, random_init=True).build()
     assert isinstance(classifier, EncoderUNetModel)
     upsampler = NetworkSpec(kind="upsampler", flags=dict(large_size=32, num_channels=32, num_res_blocks=1,
-                                                         channel_mult="1,1", attention_resolutions="16")).build()
+                                                         channel_mult="1,1", attention_resolutions="16"),
+                            random_init=True).build()
     assert isinstance(upsampler, SuperResModel)
+    shipped = NetworkSpec(preset="fashion_noisy_classifier")  # tailgen's own presets still load their weights
+    assert shipped.weights and shipped.weights.endswith("fashion_noisy_classifier.pt")
 
 
 def test_spec_errors(tmp_path):

@@ -74,9 +74,12 @@ def space_timesteps(num_steps: int, spec: str | int | Sequence[int]) -> list[int
             for stride in range(1, num_steps + 1):
                 if len(range(0, num_steps, stride)) == want:
                     return list(range(0, num_steps, stride))
+            counts = {len(range(0, num_steps, stride)) for stride in range(1, num_steps + 1)}
+            nearest = min(counts, key=lambda c: (abs(c - want), c))
+            plain = f"a plain count like '{want}'" if 1 <= want <= num_steps else f"a plain count <= {num_steps}"
             raise ConfigError(
                 f"timestep_respacing {spec!r}: no integer stride gives exactly {want} of {num_steps} steps; "
-                f"use a plain count like '{want}' instead"
+                f"use 'ddim{nearest}' (the nearest count a stride gives) or {plain}"
             )
         counts = [_parse_int(part, spec) for part in text.split(",")]
     elif isinstance(spec, Sequence):

@@ -32,13 +32,19 @@ A step runs (``GuidanceStack.predict`` then the sampler's own update)::
 
 Every gradient guidance evaluated on x_t uses the one ``ClassifierEval`` of the step: one classifier
 forward, one backward per distinct objective, shared by all guidances.
+
+Each step records, per guidance, the RMS per sample of its *term* expressed as a score (units of
+grad_x log p(x_t), the quantity gradient guidances add to): ``w g`` for gradient guidances (any form), and for hook
+guidances the change they make, converted: d eps / sqrt(1 - abar) (H1), d x0 sqrt(abar) / (1 - abar) (H4),
+d x / beta_i (H3, H5). ``ctx.terms[name]`` holds them and ``ctx.network_term`` the network's own score
+RMS |eps| / sqrt(1 - abar), so the sanity checks can say which guidance dominated a step (``sampling/sanity.py``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -127,6 +133,8 @@ class StepContext:
     classifier_net: Optional[Callable[[Tensor, int], Tensor]] = None  # (x, i) -> logits
     noise: Any = None  # diffusion.noise.NoiseSource
     pred: Optional[GuidedPrediction] = None
+    terms: dict = field(default_factory=dict)  # guidance name -> [B] RMS of its term as a score (see module doc)
+    network_term: Optional[Tensor] = None  # [B] RMS of the network's own score |eps| / sqrt(1 - abar)
     _classifier: Optional[ClassifierEval] = field(default=None, repr=False)
 
     @property
@@ -204,6 +212,8 @@ class Guidance:
     def __init__(self, scale: float = 1.0, t_min: float = 0.0, t_max: float = 1.0, every: int = 1,
                  schedule: Schedule = "constant", start: float = 0.0, stop: float = 1.0):
         name = type(self).__name__
+        if not math.isfinite(float(scale)):
+            raise ConfigError(f"{name}: scale must be a finite number, got {scale} (0 turns the guidance off)")
         if not 0.0 <= t_min <= t_max <= 1.0:
             raise ConfigError(f"{name}: need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
         if not 0.0 <= start < stop <= 1.0:
@@ -277,7 +287,7 @@ class GradientGuidance(Guidance):
         super().__init__(scale=scale, **kwargs)
         if form not in ("auto", "mean", "score", "pre"):
             raise ConfigError(f"{type(self).__name__}: form must be auto, mean, score or pre, got {form!r}")
-        if max_norm is not None and max_norm <= 0:
+        if max_norm is not None and not 0 < max_norm < math.inf:
             raise ConfigError(f"{type(self).__name__}: max_norm must be positive or null, got {max_norm}")
         self.form, self.max_norm = form, max_norm
 
@@ -339,11 +349,34 @@ def _overrides(guidance: Guidance, hook: str) -> bool:
     return getattr(type(guidance), hook) is not getattr(Guidance, hook)
 
 
-class GuidanceStack:
-    """Composes guidances in the given order around one sampler step (see the module docstring)."""
+def rms(x: Tensor) -> Tensor:
+    """Root mean square per sample: [B, ...] -> [B] (float32)."""
+    return x.detach().flatten(1).float().pow(2).mean(1).sqrt()
 
-    def __init__(self, guidances: Sequence[Guidance] = ()):
-        self.guidances = list(guidances)
+
+class GuidanceStack:
+    """Composes guidances in the given order around one sampler step (see the module docstring).
+
+    ``guidances``: a sequence, or a mapping name -> guidance (the names appear in ``ctx.terms`` and in error
+    messages; a sequence is named by class, numbered when a class repeats)."""
+
+    def __init__(self, guidances: Sequence[Guidance] | Mapping[str, Guidance] = ()):
+        if isinstance(guidances, Mapping):
+            self.names, self.guidances = list(guidances), list(guidances.values())
+        else:
+            self.guidances = list(guidances)
+            classes = [type(g).__name__ for g in self.guidances]
+            self.names = [c if classes.count(c) == 1 else f"{c}[{k}]" for k, c in enumerate(classes)]
+        self._name_of = {id(g): name for name, g in zip(self.names, self.guidances)}
+
+    def name_of(self, guidance: Guidance) -> str:
+        return self._name_of.get(id(guidance), type(guidance).__name__)
+
+    def _record(self, ctx: StepContext, guidance: Guidance, score: Tensor) -> None:
+        """Add a guidance's term (as a score, [B, ...]) to ``ctx.terms``."""
+        name = self.name_of(guidance)
+        term = rms(score)
+        ctx.terms[name] = term if name not in ctx.terms else ctx.terms[name] + term
 
     def __len__(self) -> int:
         return len(self.guidances)
@@ -369,15 +402,19 @@ class GuidanceStack:
         for g in self.guidances:
             if isinstance(g, GradientGuidance) and g.resolved_form(ctx.sampler) == form and g.active(ctx):
                 grad = g.guided_gradient(ctx)
+                self._record(ctx, g, grad)
                 total = grad if total is None else total + grad
         return total
 
     def predict(self, ctx: StepContext, clip_denoised: bool = True) -> GuidedPrediction:
         """The one guided prediction routine shared by every sampler (H3, network, H1, clip, H4)."""
         process, i = ctx.process, ctx.i
+        beta, abar = float(process.betas[i]), float(process.alphas_cumprod[i])
         # H3: move x_t before the network call
         for g, w in self._active(ctx, "before_model"):
-            ctx.set_x(g.before_model(ctx, ctx.x, w))
+            x = g.before_model(ctx, ctx.x, w)
+            self._record(ctx, g, (x - ctx.x) / beta)
+            ctx.set_x(x)
         g_pre = self._gradients(ctx, "pre")
         if g_pre is not None:
             ctx.set_x(ctx.x + float(process.betas[i]) * g_pre)
@@ -391,21 +428,26 @@ class GuidanceStack:
         else:
             out = ctx.denoiser(ctx.x, i, ctx.labels)
         eps = out.eps
+        ctx.network_term = rms(eps) / math.sqrt(1 - abar)
         # H1: model-level eps guidance (e.g. classifier-free)
         for g, w in self._active(ctx, "guide_eps"):
-            eps = g.guide_eps(ctx, eps, w)
+            guided = g.guide_eps(ctx, eps, w)
+            self._record(ctx, g, (guided - eps) / math.sqrt(1 - abar))
+            eps = guided
         x0 = process.x0_from_eps(ctx.x, i, eps)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         # H1: score-form gradients, eps re-derived from the clipped x0 (ADM condition_score)
         g_score = self._gradients(ctx, "score")
         if g_score is not None:
-            abar = torch.tensor(float(process.alphas_cumprod[i]), dtype=torch.float32, device=x0.device)
-            eps = process.eps_from_x0(ctx.x, i, x0) - (1 - abar).sqrt() * g_score.to(x0.dtype)
+            abar_t = torch.tensor(abar, dtype=torch.float32, device=x0.device)
+            eps = process.eps_from_x0(ctx.x, i, x0) - (1 - abar_t).sqrt() * g_score.to(x0.dtype)
             x0 = process.x0_from_eps(ctx.x, i, eps)
         # H4: x0_hat guidance
         for g, w in self._active(ctx, "guide_x0"):
-            x0 = g.guide_x0(ctx, x0, w)
+            guided = g.guide_x0(ctx, x0, w)
+            self._record(ctx, g, (guided - x0) * (math.sqrt(abar) / (1 - abar)))
+            x0 = guided
         ctx.pred = GuidedPrediction(x=ctx.x, x0=x0, eps=process.eps_from_x0(ctx.x, i, x0), log_var=out.log_var)
         return ctx.pred
 
@@ -425,6 +467,9 @@ class GuidanceStack:
 
     def after_step(self, ctx: StepContext, x_prev: Tensor) -> Tensor:
         """H5: post-step updates on x_{t-1}, in order."""
+        beta = float(ctx.process.betas[ctx.i])
         for g, w in self._active(ctx, "after_step"):
-            x_prev = g.after_step(ctx, x_prev, w)
+            guided = g.after_step(ctx, x_prev, w)
+            self._record(ctx, g, (guided - x_prev) / beta)
+            x_prev = guided
         return x_prev

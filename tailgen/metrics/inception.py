@@ -88,7 +88,8 @@ def _resolve(weights_path) -> Path:
         path = Path(weights_path).expanduser()
         if not path.is_file():
             raise CheckpointError(
-                f"Inception weights file not found: {path}. Pass the path of {WEIGHTS_FILE} "
+                f"Inception weights file not found: {path}. Set evaluation.inception_weights "
+                f"(--model.init_args.evaluation.init_args.inception_weights=PATH) to the path of {WEIGHTS_FILE} "
                 f"(download {WEIGHTS_URL} on a machine with network access).")
         return path
     path = default_weights_path()
@@ -96,7 +97,7 @@ def _resolve(weights_path) -> Path:
         raise CheckpointError(
             f"Inception weights {WEIGHTS_FILE} not found at {path} (torch hub cache, $TORCH_HOME/hub/checkpoints). "
             f"tailgen never downloads it: fetch {WEIGHTS_URL} on a machine with network access and copy it to "
-            f"{path}, or pass weights_path=... explicitly.")
+            f"{path}, or set evaluation.inception_weights (--model.init_args.evaluation.init_args.inception_weights=PATH).")
     return path
 
 

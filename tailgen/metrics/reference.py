@@ -29,7 +29,7 @@ import torch
 
 from tailgen.metrics.features import FeatureExtractor, to_uint8_nchw
 from tailgen.utils import ConfigError, DataError
-from tailgen.utils.io import array_digest, atomic_write, file_digest
+from tailgen.utils.io import array_digest, atomic_write, file_digest, read_npz
 
 __all__ = ["Reference", "DEFAULT_CACHE_DIR", "read_reference_npz", "read_image_folder", "extract_features",
            "cached_features", "build_reference"]
@@ -59,16 +59,12 @@ def read_reference_npz(path: str | os.PathLike):
     if not path.is_file():
         raise DataError(f"reference batch not found: {path} (guided-diffusion ref batches: "
                         "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/...)")
-    try:
-        with np.load(path) as z:
-            keys = set(z.files)
-            images = z["arr_0"] if "arr_0" in keys else None
-            labels = z["arr_1"] if "arr_1" in keys else None
-            stats = {name: (z[m].astype(np.float64), z[s].astype(np.float64))
-                     for name, m, s in (("pool", "mu", "sigma"), ("spatial", "mu_s", "sigma_s"))
-                     if m in keys and s in keys}
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"cannot read {path} as an .npz reference batch: {e}") from e
+    z = read_npz(path, hint="evaluation.reference must be a guided-diffusion reference batch (.npz); copy it again")
+    keys = set(z)
+    images = z.get("arr_0")
+    labels = z.get("arr_1")
+    stats = {name: (z[m].astype(np.float64), z[s].astype(np.float64))
+             for name, m, s in (("pool", "mu", "sigma"), ("spatial", "mu_s", "sigma_s")) if m in keys and s in keys}
     if images is None and not stats:
         raise DataError(f"{path} has neither images (arr_0) nor statistics (mu/sigma); keys: {sorted(keys)}")
     if images is not None:
@@ -158,11 +154,13 @@ def cached_features(extractor: FeatureExtractor, images, *, content_key: str | N
 
 
 def build_reference(extractor: FeatureExtractor, *, images=None, labels=None, npz=None, folder=None,
-                    cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR) -> Reference:
+                    cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
+                    sample_shape: tuple[int, int, int] | None = None) -> Reference:
     """A `Reference` from exactly one of ``images`` (uint8 NCHW/NHW array), ``npz`` (ref batch) or ``folder``.
 
     ``labels`` (N,) override labels read from the source. An ``npz`` holding only statistics gives a Reference
-    with no features (FID/sFID only).
+    with no features (FID/sFID only). ``sample_shape`` (H, W, C) of the samples to compare: reference images of
+    another size or channel count are a DataError (checked before any feature is computed).
     """
     given = [s is not None for s in (images, npz, folder)]
     if sum(given) != 1:
@@ -180,6 +178,13 @@ def build_reference(extractor: FeatureExtractor, *, images=None, labels=None, np
         src_labels = torch.as_tensor(np.asarray(labels)).long().flatten()
     if images is None:
         return Reference({}, None, stats, extractor.identity)
+    shape = (images.shape[2], images.shape[3], images.shape[1])
+    if sample_shape is not None and tuple(sample_shape) != shape:
+        raise DataError(
+            f"the samples are {'x'.join(map(str, sample_shape))} (HxWxC) but the reference images are "
+            f"{'x'.join(map(str, shape))}: evaluate against reference data of the samples' size and channels "
+            "(evaluation.reference)"
+        )
     if content is None:
         content = array_digest(images)
     if src_labels is not None and src_labels.shape[0] != images.shape[0]:

@@ -112,9 +112,10 @@ class MetricSuite(nn.Module):
 
     @classmethod
     def with_reference(cls, metrics: Sequence[str], extractor: FeatureExtractor, *, images=None, labels=None,
-                       npz=None, folder=None, cache_dir=DEFAULT_CACHE_DIR, **kwargs) -> "MetricSuite":
+                       npz=None, folder=None, cache_dir=DEFAULT_CACHE_DIR, sample_shape=None, **kwargs) -> "MetricSuite":
         """Build the `Reference` (cached on disk, `build_reference`) and the suite in one call."""
-        ref = build_reference(extractor, images=images, labels=labels, npz=npz, folder=folder, cache_dir=cache_dir)
+        ref = build_reference(extractor, images=images, labels=labels, npz=npz, folder=folder, cache_dir=cache_dir,
+                              sample_shape=sample_shape)
         return cls(metrics, extractor, ref, **kwargs)
 
     def _check_provides(self, num_classes) -> None:

@@ -38,22 +38,35 @@ def load_state_dict_file(path, prefix: str | None = None) -> dict[str, torch.Ten
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "not found"
         raise CheckpointError(f"checkpoint file {what}: {path}. {_where_official(path)}.")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint file {path} is empty (0 bytes): copy or download it again. "
+                              f"{_where_official(path)}.")
+    with path.open("rb") as f:
+        head = f.read(16)
+    if is_safetensors(path, head):
+        return extract_state_dict(_load_safetensors(path), prefix=prefix, source=str(path))
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # zip (torch.save) or a legacy pickle (protocol 2+)
+        raise CheckpointError(
+            f"{path} is not a PyTorch file (neither torch.save's zip format nor a legacy pickle; starts with "
+            f"{head[:8]!r}): point the checkpoint at the .pt weights file. {_where_official(path)}."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         text = str(error)
-        if "Weights only load failed" in text or "Unsupported global" in text:
-            detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
+        if "Unsupported global" in text:
+            detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
+            detail = detail.split(" was not an allowed global")[0]
             raise CheckpointError(
-                f"{path} contains pickled Python objects besides tensors ({detail or 'code objects'}). tailgen "
-                "never unpickles code (torch.load weights_only=True). If you trust the file, re-save its weights "
-                "as a plain state dict elsewhere: `sd = torch.load(path, weights_only=False); "
-                "torch.save(sd['state_dict'] if 'state_dict' in sd else sd.state_dict(), 'weights.pt')` "
-                "(tensors only), then point tailgen at weights.pt."
+                f"{path} contains pickled Python objects besides tensors ({detail}). tailgen never unpickles code "
+                "(torch.load weights_only=True). If you trust the file, re-save its weights as a plain state dict "
+                "elsewhere: `sd = torch.load(path, weights_only=False); torch.save(sd['state_dict'] if 'state_dict' "
+                "in sd else sd.state_dict(), 'weights.pt')` (tensors only), then point tailgen at weights.pt."
             ) from None
         raise CheckpointError(
             f"{path} is truncated or corrupt (unreadable pickle: {text.splitlines()[0] if text else error!r}); "
-            f"download or copy it again. {_where_official(path)}."
+            f"download or copy it again (size {size} bytes). {_where_official(path)}."
         ) from None
     except PermissionError as error:
         raise CheckpointError(f"checkpoint file {path} cannot be read: {error}") from None
@@ -61,9 +74,31 @@ def load_state_dict_file(path, prefix: str | None = None) -> dict[str, torch.Ten
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(
             f"{path} is truncated or corrupt and cannot be read as a PyTorch file ({first_line}); "
-            f"download or copy it again (size {path.stat().st_size} bytes). {_where_official(path)}."
+            f"download or copy it again (size {size} bytes). {_where_official(path)}."
         ) from None
     return extract_state_dict(obj, prefix=prefix, source=str(path))
+
+
+def is_safetensors(path: Path, head: bytes) -> bool:
+    """A safetensors file: 8-byte little-endian header length, then a JSON header starting with '{'."""
+    return path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{" and
+                                             0 < int.from_bytes(head[:8], "little") < path.stat().st_size)
+
+
+def _load_safetensors(path: Path) -> dict:
+    """Tensors of a safetensors file (weights only by design) when the ``safetensors`` package is installed."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(
+            f"{path} is a safetensors file, and the safetensors package is not installed: `pip install safetensors` "
+            "(tailgen then loads it, tensors only), or convert it where safetensors is available: "
+            "`torch.save(safetensors.torch.load_file(path), 'weights.pt')` and point the checkpoint at weights.pt"
+        ) from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise CheckpointError(f"{path} is a safetensors file that cannot be read ({error}); copy it again") from None
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -167,9 +202,12 @@ def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     ]
     if not (missing or unexpected or mismatched):
         return None
-    lines = [f"checkpoint does not fit the {type(model).__name__} ({len(expected)} tensors; file has {len(given)})."]
     file_kind, net_kind = describe_layout(given), _network_kind(model)
-    if file_kind and net_kind and file_kind != net_kind:
+    wrong_kind = file_kind and net_kind and file_kind != net_kind
+    lines = [f"checkpoint does not fit the {type(model).__name__} ({len(expected)} tensors; file has {len(given)})"
+             + (f": {_article(file_kind)} {file_kind} file given as a "
+                f"{net_kind if net_kind != 'model' else 'diffusion model'}." if wrong_kind else ".")]
+    if wrong_kind:
         lines.append(
             f"  This file is {_KIND_WORDS[file_kind]}, but it was given as {_KIND_WORDS[net_kind]}: "
             f"{_article(file_kind)} {file_kind} file given as a {net_kind if net_kind != 'model' else 'diffusion model'}."

@@ -4,6 +4,10 @@
       preset: 64x64_diffusion
       checkpoint: /path/64x64_diffusion.pt
       flags: {use_fp16: false}        # optional overrides of the preset's builder flags
+
+A network must have weights: a ``checkpoint`` or a tailgen preset whose weights ship in ``tailgen/weights``.
+Random initialisation is an explicit opt-in (``random_init: true``, for speed benchmarks and smoke tests); without
+it a network with no weights is a `ConfigError` naming the config key to set.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class NetworkSpec:
         checkpoint: str | None = None,
         kind: str = "model",
         prefix: str | None = None,
+        random_init: bool = False,
     ):
         if preset is None and not flags:
             raise ConfigError(
@@ -36,8 +41,10 @@ class NetworkSpec:
             )
         self.preset = preset
         self.flags = dict(flags or {})
-        self.checkpoint = checkpoint
+        # `--...checkpoint=null` over a config that sets a path reaches here as the string "None" (jsonargparse)
+        self.checkpoint = None if checkpoint in ("", "None", "null") else checkpoint
         self.prefix = prefix
+        self.random_init = bool(random_init)
         if preset is not None:
             self._preset = get_preset(preset)  # raises ConfigError listing the presets
             self.kind = self._preset["kind"]
@@ -46,6 +53,8 @@ class NetworkSpec:
                 raise ConfigError(f"network kind must be one of {', '.join(BUILDERS)}, got {kind!r}")
             self._preset = None
             self.kind = kind
+        if self.random_init and self.checkpoint:
+            raise ConfigError(f"a network has both checkpoint={checkpoint!r} and random_init: true: drop one of them")
 
     @property
     def flags_resolved(self) -> dict:
@@ -67,13 +76,33 @@ class NetworkSpec:
         """The preset's sampling facts (e.g. ``num_classes`` without the null label, ``null_label``)."""
         return dict((self._preset or {}).get("sampling") or {})
 
-    def build(self, device="cpu") -> nn.Module:
-        """Network on `device`, weights loaded when a checkpoint is given, `.eval()`, `requires_grad_(False)`.
+    @property
+    def weights(self) -> str | None:
+        """The weights file: the checkpoint, else the file shipped with a tailgen preset, else None."""
+        return self.checkpoint or (self._preset or {}).get("weights")
 
-        Without a checkpoint, the weights shipped with a tailgen preset are used (``tailgen/weights``).
-        With a checkpoint the network is built on the meta device and materialised from the file (no random
-        initialisation, no second copy)."""
-        checkpoint = self.checkpoint or (self._preset or {}).get("weights")
+    def check_weights(self, key: str = "network") -> None:
+        """ConfigError unless the network has weights or ``random_init`` is set; ``key`` is the config key of
+        this spec (e.g. ``model.init_args.network``), named in the message."""
+        if self.weights or self.random_init:
+            return
+        what = f"preset {self.preset!r}" if self.preset else "a network given by flags only"
+        where = ""
+        if self._preset and self._preset.get("url"):
+            where = f" (the file {self._preset.get('file', self.preset + '.pt')} is at {self._preset['url']})"
+        raise ConfigError(
+            f"{key}: {what} has no weights: set {key}.checkpoint to its weights file{where}; "
+            f"random weights only with {key}.random_init=true (benchmarks)"
+        )
+
+    def build(self, device="cpu", key: str = "network") -> nn.Module:
+        """Network on `device`, weights loaded, `.eval()`, `requires_grad_(False)`.
+
+        The weights are the checkpoint or, without one, those shipped with a tailgen preset (``tailgen/weights``);
+        with neither, a ConfigError naming ``key`` (see `check_weights`) unless ``random_init``. Weights are loaded
+        into a network built on the meta device (no random initialisation, no second copy)."""
+        self.check_weights(key)
+        checkpoint = self.weights
         if checkpoint:
             model = build_network(self.kind, self.flags_resolved, device="meta")
             load_checkpoint(model, checkpoint, prefix=self.prefix, device=device)
@@ -84,5 +113,5 @@ class NetworkSpec:
     def __repr__(self) -> str:
         return (
             f"NetworkSpec(preset={self.preset!r}, flags={self.flags!r}, checkpoint={self.checkpoint!r}, "
-            f"kind={self.kind!r})"
+            f"kind={self.kind!r}" + (", random_init=True)" if self.random_init else ")")
         )

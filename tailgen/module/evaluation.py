@@ -68,11 +68,12 @@ class Evaluation:
             return {"folder": path}
         raise ConfigError(f"evaluation.reference {self.reference!r}: use fashion_mnist:test, a reference .npz or a folder")
 
-    def build_suite(self, num_classes: Optional[int]) -> MetricSuite:
-        """The metric suite with its reference features (cached on disk)."""
+    def build_suite(self, num_classes: Optional[int], sample_shape: Optional[tuple] = None) -> MetricSuite:
+        """The metric suite with its reference features (cached on disk); ``sample_shape`` (H, W, C) of the
+        samples: a reference of another size is refused before any feature is computed."""
         clean = None
         if self.feature_network is not None:
-            clean = ClassifierFeatures(self.feature_network.build(), timestep=0, name=self.feature_network.preset)
+            clean = ClassifierFeatures(self.feature_network.build(key="model.init_args.evaluation.init_args.feature_network"), timestep=0, name=self.feature_network.preset)
         if self.features == "inception":
             from tailgen.metrics.inception import InceptionFeatures
 
@@ -81,7 +82,7 @@ class Evaluation:
             extractor = clean
         return MetricSuite.with_reference(self.metrics, extractor, classifier=clean, num_classes=num_classes,
                                           cache_dir=self.cache_dir, low_conf_threshold=self.low_conf_threshold,
-                                          **self.reference_source())
+                                          sample_shape=sample_shape, **self.reference_source())
 
 
     def evaluate(self, images, labels=None, *, num_classes: Optional[int] = None, batch_size: int = 250) -> dict[str, float]:

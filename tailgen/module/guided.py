@@ -21,6 +21,7 @@ from tailgen.models.spec import NetworkSpec
 from tailgen.module.evaluation import Evaluation, as_floats, format_table, write_report
 from tailgen.module.sampling_data import sample_seed
 from tailgen.sampling import SAMPLERS
+from tailgen.sampling.sanity import SampleMonitor
 from tailgen.utils import ConfigError
 from tailgen.utils.images import make_grid, to_uint8
 
@@ -44,6 +45,8 @@ class GuidedDiffusion(L.LightningModule):
             (a network trained with label dropout has one more row, the null label).
         evaluation: what ``tailgen test`` measures (metrics, features, reference data).
         progress: show a progress bar over sampler steps.
+        check_samples: refuse degenerate batches (saturated or constant images; ``sampling/sanity.py``), naming
+            the guidance whose term dominated and the step. Non-finite values are always refused.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class GuidedDiffusion(L.LightningModule):
         num_classes: Optional[int] = None,
         evaluation: Optional[Evaluation] = None,
         progress: bool = True,
+        check_samples: bool = True,
     ):
         super().__init__()
         if sampler not in SAMPLERS:
@@ -68,9 +72,22 @@ class GuidedDiffusion(L.LightningModule):
         if isinstance(diffusion.get("timestep_respacing"), int):  # `--model.diffusion.timestep_respacing=250`
             diffusion["timestep_respacing"] = str(diffusion["timestep_respacing"])
         self.process = DiffusionProcess.from_flags(**{**network.diffusion_flags, **diffusion})
+        specs = {"network": network, "classifier": classifier, "unconditional": unconditional}
+        size = network.flags_resolved.get("image_size")
+        for role, spec in specs.items():  # every network has weights and the model's resolution before any loads
+            if spec is None:
+                continue
+            spec.check_weights(f"model.init_args.{role}")
+            other = spec.flags_resolved.get("image_size")
+            if size is not None and other is not None and other != size:
+                raise ConfigError(
+                    f"model.init_args.{role} is built for {other}x{other} images but the diffusion model "
+                    f"(model.init_args.network) makes {size}x{size}: use a {role} of the same resolution "
+                    f"(e.g. the {size}x{size}_classifier preset with {size}x{size}_diffusion)"
+                )
         self.net = network.build()
-        self.classifier_net = classifier.build() if classifier is not None else None
-        self.uncond_net = unconditional.build() if unconditional is not None else None
+        self.classifier_net = classifier.build(key="model.init_args.classifier") if classifier is not None else None
+        self.uncond_net = unconditional.build(key="model.init_args.unconditional") if unconditional is not None else None
         flags = network.flags_resolved
         class_cond = flags.get("class_cond", network.kind == "toy_denoiser")
         num_classes = num_classes or network.sampling.get("num_classes") or flags.get("num_classes", 1000)
@@ -78,9 +95,10 @@ class GuidedDiffusion(L.LightningModule):
         self.image_shape = ((flags.get("in_channels", 3), flags["image_size"], flags["image_size"])
                             if "image_size" in flags else (flags.get("in_dim", 2),))
         self.sampler, self.eta, self.clip_denoised, self.progress = sampler, eta, clip_denoised, progress
+        self.check_samples = check_samples
         self.evaluation, self.suite = evaluation, None
         self.guidances = dict(guidances or {})
-        self.stack = GuidanceStack(list(self.guidances.values()))
+        self.stack = GuidanceStack(self.guidances)
         self.stack.validate(sampler=sampler, has_classifier=self.classifier_net is not None,
                             has_uncond=self.uncond_net is not None)
         self.freeze()
@@ -124,12 +142,14 @@ class GuidedDiffusion(L.LightningModule):
                     seeds = torch.tensor([sample_seed(0, k) for k in range(len(labels))])
                 noise = SeededNoise(seeds.tolist(), device=self.device)
             x = noise.initial((len(labels) if labels is not None else len(seeds), *self.image_shape))
-            return SAMPLERS[self.sampler](
+            monitor = SampleMonitor(self.stack, callback)
+            x = SAMPLERS[self.sampler](
                 self._denoiser(), x.to(self.device), self.process, labels if self.num_classes is not None else None,
                 guidance=self.stack, noise=noise, classifier=self._classifier(), uncond=self._uncond(),
-                clip_denoised=self.clip_denoised, callback=callback, progress=self.progress,
+                clip_denoised=self.clip_denoised, callback=monitor, progress=self.progress,
                 **({"eta": self.eta} if self.sampler == "ddim" else {}),
             )
+            return monitor.check(x) if self.check_samples else x
 
     def generate(self, labels: Optional[Sequence[int] | Tensor] = None, seeds: Optional[Sequence[int] | Tensor] = None,
                  *, seed: int = 0, batch_size: int = 64) -> Tensor:
@@ -172,7 +192,11 @@ class GuidedDiffusion(L.LightningModule):
             if self.evaluation is None:
                 raise ConfigError("tailgen test needs model.evaluation (metrics, features, reference): "
                                   "add e.g. --config configs/fashion/eval.yaml")
-            self.suite = self.evaluation.build_suite(self.num_classes)
+            dataset = getattr(getattr(self.trainer, "datamodule", None), "dataset", None) if self._trainer else None
+            sample_shape = getattr(dataset, "image_shape", None)  # an existing samples.npz, else what we sample
+            if sample_shape is None and len(self.image_shape) == 3:
+                sample_shape = (self.image_shape[1], self.image_shape[2], self.image_shape[0])
+            self.suite = self.evaluation.build_suite(self.num_classes, sample_shape=sample_shape)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> None:
         if "images" in batch:  # evaluating an existing samples.npz

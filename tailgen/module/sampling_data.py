@@ -65,17 +65,23 @@ class SampleFileDataset(Dataset):
         from pathlib import Path
 
         from tailgen.utils import DataError
+        from tailgen.utils.io import read_npz
 
         if not Path(path).is_file():
             raise DataError(f"samples file {path} does not exist: run `tailgen predict` first or fix data.samples")
-        with np.load(path) as f:
-            if "arr_0" not in f:
-                raise DataError(f"{path} has no arr_0: expected guided-diffusion's samples layout (arr_0 images, arr_1 labels)")
-            self.images = torch.from_numpy(f["arr_0"])
-            labels = f["arr_1"] if "arr_1" in f else np.full(len(self.images), -1)
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DataError(f"{path}: arr_0 must be uint8 N×H×W×C, got {tuple(self.images.shape)} {self.images.dtype}")
+        f = read_npz(path, hint="data.samples must be a samples.npz written by `tailgen predict` (or guided-diffusion)")
+        if "arr_0" not in f:
+            raise DataError(f"{path} has no arr_0: expected guided-diffusion's samples layout (arr_0 images, arr_1 labels)")
+        images = f["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise DataError(f"{path}: arr_0 must be uint8 N×H×W×C with C = 1 or 3, got {images.shape} {images.dtype}")
+        labels = f["arr_1"] if "arr_1" in f else np.full(len(images), -1)
+        if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{path}: arr_1 must hold one integer label per image: {len(images)} images but arr_1 "
+                            f"is {labels.shape} {labels.dtype}")
+        self.images = torch.from_numpy(images)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.image_shape = tuple(images.shape[1:])  # H, W, C
 
     def __len__(self) -> int:
         return len(self.images)

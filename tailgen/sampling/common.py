@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from tailgen.diffusion.noise import NoiseSource, TorchNoise
 from tailgen.guidance.base import Guidance, GuidanceStack, StepContext
-from tailgen.utils.errors import ConfigError, SamplingError
+from tailgen.sampling.sanity import check_finite
+from tailgen.utils.errors import ConfigError
 
 Callback = Optional[Callable[[dict], None]]
 GuidanceArg = Optional[GuidanceStack | Guidance | Sequence[Guidance]]
@@ -67,16 +68,13 @@ class Loop:
                               classifier_net=self.classifier, noise=self.noise)
 
     def finish_step(self, ctx: StepContext, x: torch.Tensor, x0: torch.Tensor, callback: Callback) -> torch.Tensor:
-        """H5 ``after_step`` hooks, the non-finite check, then the read-only callback."""
+        """H5 ``after_step`` hooks, the non-finite check (naming the guidance whose term blew up), then the
+        read-only callback (``terms``: per-guidance term RMS of the step, ``network_term``: the network's score)."""
         x = self.stack.after_step(ctx, x)
-        if not torch.isfinite(x).all():
-            names = ", ".join(type(g).__name__ for g in self.stack) or "none"
-            raise SamplingError(
-                f"NaN during sampling at step {ctx.step} (t={ctx.t}; guidances: {names}): "
-                f"lower the guidance scale or check the weights"
-            )
+        check_finite(ctx, x, self.stack)
         if callback is not None:
-            callback({"x": x, "x0": x0, "step": ctx.step, "t": ctx.t, "i": ctx.i})
+            callback({"x": x, "x0": x0, "step": ctx.step, "t": ctx.t, "i": ctx.i, "terms": ctx.terms,
+                      "network_term": ctx.network_term})
         self.x = x
         return x
 

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from tailgen.utils.errors import DataError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then atomically rename the temporary file onto ``path``.
@@ -65,3 +67,23 @@ def module_digest(module) -> str:
             h.update(str((a.shape, a.dtype.str)).encode())
             h.update(a.tobytes())
     return h.hexdigest()
+
+
+def read_npz(path: str | os.PathLike, hint: str = "write or copy it again") -> dict:
+    """Every array of an ``.npz`` file (no pickled objects), or one DataError saying what is wrong with the file:
+    not an .npz at all, or truncated / corrupt. The caller checks that the file exists (its own hint)."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path).expanduser()
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise DataError(f"{path} is not an .npz file (numpy's zip format; it starts with {head!r}): {hint}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path} is a truncated or corrupt .npz file ({first}): {hint}") from None
