@@ -33,7 +33,43 @@ class LogConfigCallback(SaveConfigCallback):
             trainer.logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
+_GUIDANCE_ARG = re.compile(r"--model\.(?:init_args\.)?guidances\.([^.=\s]+)(\.[^=\s]*)?(?:=|$)")
+_BASE_GUIDANCE = {"tailgen.Guidance", "tailgen.guidance.Guidance", "tailgen.guidance.base.Guidance", "Guidance"}
+
+
+def check_guidance_names(args: list[str], guidances) -> None:
+    """ConfigError for ``--model.init_args.guidances.NAME.init_args...`` where NAME is not a configured guidance
+    and no class_path is given: jsonargparse would silently add a no-op base ``Guidance`` (a typo's result)."""
+    guidances = dict(guidances or {})
+    given: dict[str, bool] = {}  # name -> a class_path (or a whole value) was given on the command line
+    for arg in args:
+        if m := _GUIDANCE_ARG.match(arg):
+            name, rest = m.group(1), m.group(2) or ""
+            given[name] = given.get(name, False) or rest in ("", ".class_path")
+    for name, explicit in given.items():
+        entry = guidances.get(name)
+        class_path = getattr(entry, "class_path", None) if entry is not None else None
+        if explicit or class_path not in _BASE_GUIDANCE:
+            continue
+        configured = [n for n, g in guidances.items() if getattr(g, "class_path", None) not in _BASE_GUIDANCE]
+        raise ConfigError(
+            f"model.init_args.guidances.{name}: no guidance named {name!r} is configured (configured: "
+            f"{', '.join(configured) or 'none'}) and no class_path was given: fix the name, or add "
+            f"--model.init_args.guidances.{name}.class_path=<a guidance class, e.g. tailgen.guidance.ClassifierGuidance>"
+        )
+
+
 class TailgenCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        self.raw_args = list(sys.argv[1:] if kwargs.get("args") is None else kwargs["args"])
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        model = config.get("model")
+        if model is not None and model.get("init_args") is not None:
+            check_guidance_names(self.raw_args, model.init_args.get("guidances"))
+
     def add_arguments_to_parser(self, parser) -> None:
         # The sample writer is always there on predict; its options are --writer.*.
         parser.add_lightning_class_args(SampleWriter, "writer")

@@ -98,6 +98,13 @@ class GuidedDiffusion(L.LightningModule):
         self.check_samples = check_samples
         self.evaluation, self.suite = evaluation, None
         self.guidances = dict(guidances or {})
+        for name, guidance in self.guidances.items():
+            if type(guidance) is Guidance:
+                raise ConfigError(
+                    f"model.init_args.guidances.{name} is the base class tailgen.guidance.Guidance, which has no hooks "
+                    "(it would do nothing): give the class_path of a guidance (e.g. tailgen.guidance.ClassifierGuidance) "
+                    "or of your own Guidance subclass (in a config file, check the guidance name for a typo)"
+                )
         self.stack = GuidanceStack(self.guidances)
         self.stack.validate(sampler=sampler, has_classifier=self.classifier_net is not None,
                             has_uncond=self.uncond_net is not None)
