@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import warnings
 from typing import Optional
 
 import lightning as L
@@ -21,6 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import tailgen.guidance  # noqa: F401  (registers guidance classes for short class_path names)
+from tailgen.module.progress import SampleProgressBar
 from tailgen.module.writer import SampleWriter
 from tailgen.utils import ConfigError, TailgenError
 
@@ -82,8 +85,20 @@ class TailgenCLI(LightningCLI):
                 "nothing to train: run this config with `tailgen predict` or `tailgen test`"
             )
 
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        # predict / test: one bar over samples (with the sampler step) instead of Lightning's bar over batches;
+        # --trainer.enable_progress_bar=false still silences it.
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if self.subcommand in ("predict", "test") and trainer_config.get("enable_progress_bar") is not False:
+            callbacks = kwargs.get("callbacks") or trainer_config.get("callbacks") or []
+            kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), SampleProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # tailgen prints its own metrics table (GuidedDiffusion.on_test_epoch_end): not Lightning's too.
+        if subcommand == "test":
+            kwargs["verbose"] = False
         # The writer keeps every sample on disk; holding them all in RAM too (Lightning's default) does not scale.
         if subcommand == "predict" and kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
@@ -176,6 +191,23 @@ def check_config_files(args: list[str]) -> None:
                               + (f" ({context})" if context else "")) from None
 
 
+class _DropTips(logging.Filter):
+    """Lightning's "💡 Tip: try installing litlogger / litmodels" adverts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's adverts and known deprecation noise that a tailgen user can do nothing about."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch pytree, via Lightning
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``tailgen`` command: a bad configuration or a TailgenError ends it with one clear
     line on stderr and exit code 2. ``tailgen sweep ...`` runs a W&B sweep file locally (tailgen/sweep.py)."""
@@ -183,6 +215,7 @@ def main(args: Optional[list[str]] = None) -> None:
         from tailgen.sweep import main as sweep
 
         return sweep((sys.argv[1:] if args is None else args)[1:])
+    quiet_lightning()
     try:
         check_config_files(sys.argv[1:] if args is None else list(args))
         run_cli(args)

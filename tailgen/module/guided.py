@@ -97,6 +97,7 @@ class GuidedDiffusion(L.LightningModule):
         self.sampler, self.eta, self.clip_denoised, self.progress = sampler, eta, clip_denoised, progress
         self.check_samples = check_samples
         self.evaluation, self.suite = evaluation, None
+        self.step_hook: Optional[Callable[[dict], None]] = None  # set by the CLI's SampleProgressBar
         self.guidances = dict(guidances or {})
         for name, guidance in self.guidances.items():
             if type(guidance) is Guidance:
@@ -149,11 +150,15 @@ class GuidedDiffusion(L.LightningModule):
                     seeds = torch.tensor([sample_seed(0, k) for k in range(len(labels))])
                 noise = SeededNoise(seeds.tolist(), device=self.device)
             x = noise.initial((len(labels) if labels is not None else len(seeds), *self.image_shape))
+            hook, steps = self.step_hook, self.process.num_steps
+            if hook is not None:  # the run's progress bar shows the step: no step bar of our own
+                callback = (lambda info, user=callback: (hook({**info, "num_steps": steps}),
+                                                          user is not None and user(info)))
             monitor = SampleMonitor(self.stack, callback)
             x = SAMPLERS[self.sampler](
                 self._denoiser(), x.to(self.device), self.process, labels if self.num_classes is not None else None,
                 guidance=self.stack, noise=noise, classifier=self._classifier(), uncond=self._uncond(),
-                clip_denoised=self.clip_denoised, callback=monitor, progress=self.progress,
+                clip_denoised=self.clip_denoised, callback=monitor, progress=self.progress and hook is None,
                 **({"eta": self.eta} if self.sampler == "ddim" else {}),
             )
             return monitor.check(x) if self.check_samples else x
