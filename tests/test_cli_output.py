@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_cli_errors import make_kit
@@ -89,6 +90,15 @@ def test_error_starts_its_own_line(tmp_path, runs):
     assert result.returncode == 2, result.stderr
     assert sum(line.startswith("tailgen: error:") for line in result.stderr.replace("\r", "\n").splitlines()) == 1, \
         result.stderr
+
+
+def test_test_writes_a_class_grid_beside_metrics(runs):
+    from PIL import Image
+
+    folder = runs["_kit"].parent / "test"
+    assert (folder / "metrics.json").is_file()
+    grid = np.asarray(Image.open(folder / "grid.png"))
+    assert grid.shape[0] == 6 * (16 + 2) - 2  # 6 balanced samples (label k mod 10): six labelled rows
 
 
 def test_metrics_printed_once(runs):

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
+from tailgen.data.fashion_mnist import CLASS_NAMES as FASHION_CLASS_NAMES
 from tailgen.diffusion.adapters import ADMDenoiser, NoisyClassifier
 from tailgen.diffusion.noise import NoiseSource, SeededNoise
 from tailgen.diffusion.process import DiffusionProcess
@@ -23,7 +25,7 @@ from tailgen.module.sampling_data import sample_seed
 from tailgen.sampling import SAMPLERS
 from tailgen.sampling.sanity import SampleMonitor
 from tailgen.utils import ConfigError
-from tailgen.utils.images import make_grid, to_uint8
+from tailgen.utils.images import class_grid, make_grid, save_png, to_uint8
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
 
@@ -92,6 +94,10 @@ class GuidedDiffusion(L.LightningModule):
         class_cond = flags.get("class_cond", network.kind == "toy_denoiser")
         num_classes = num_classes or network.sampling.get("num_classes") or flags.get("num_classes", 1000)
         self.num_classes: Optional[int] = num_classes if class_cond else None
+        preset = network.preset or ""
+        # grid row labels: Fashion-MNIST's names for a fashion model's 10 classes, else the indices
+        self.class_names: Optional[tuple[str, ...]] = (
+            FASHION_CLASS_NAMES if self.num_classes == 10 and preset.startswith("fashion") else None)
         self.image_shape = ((flags.get("in_channels", 3), flags["image_size"], flags["image_size"])
                             if "image_size" in flags else (flags.get("in_dim", 2),))
         self.sampler, self.eta, self.clip_denoised, self.progress = sampler, eta, clip_denoised, progress
@@ -217,8 +223,31 @@ class GuidedDiffusion(L.LightningModule):
             images = to_uint8(self.sample(batch["label"], batch["seed"]))
         labels = batch["label"] if (batch["label"] >= 0).all() else None
         self.suite.update(images.permute(0, 3, 1, 2), labels)
-        if batch_idx == 0 and self.logger is not None and hasattr(self.logger, "log_image"):
-            self.logger.log_image("test/samples", [make_grid(images[:64].cpu().numpy())])
+        self._keep_for_grid(images.cpu().numpy(), batch["label"].cpu().numpy())
+
+    GRID_PER_CLASS = 10
+
+    def _keep_for_grid(self, images, labels) -> None:
+        """The first GRID_PER_CLASS samples of each class (unlabelled samples: the first 100 as class -1)."""
+        kept = self._grid_samples.setdefault("images", []), self._grid_samples.setdefault("labels", [])
+        counts = self._grid_samples.setdefault("counts", {})
+        limit = self.GRID_PER_CLASS if (labels >= 0).all() else 100
+        for image, label in zip(images, labels):
+            if counts.get(int(label), 0) < limit:
+                counts[int(label)] = counts.get(int(label), 0) + 1
+                kept[0].append(image)
+                kept[1].append(int(label))
+
+    def on_test_epoch_start(self) -> None:
+        self._grid_samples = {}
+
+    def _test_grid(self):
+        if not getattr(self, "_grid_samples", {}).get("images"):
+            return None
+        images, labels = np.stack(self._grid_samples["images"]), np.asarray(self._grid_samples["labels"])
+        if (labels < 0).all():  # samples without labels: one row of 10 after another, no class names
+            return make_grid(images, nrow=self.GRID_PER_CLASS)
+        return class_grid(images, labels, self.class_names, per_class=self.GRID_PER_CLASS)
 
     def on_test_epoch_end(self) -> None:
         values = as_floats(self.suite.compute())  # synchronised across ranks: same values everywhere
@@ -228,5 +257,10 @@ class GuidedDiffusion(L.LightningModule):
             if not out.is_absolute():
                 out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / out
             write_report(values, out)
+            grid = self._test_grid()
+            if grid is not None:
+                save_png(grid, out.parent / "grid.png")
+                if self.logger is not None and hasattr(self.logger, "log_image"):
+                    self.logger.log_image("test/grid", [grid], caption=["class-sorted samples"])
             print(f"\n{format_table(values)}\nmetrics written to {out}")
         self.suite.reset()

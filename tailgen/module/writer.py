@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from tailgen.utils.images import make_grid, save_png
+from tailgen.utils.images import class_grid, save_png
 from tailgen.utils.io import atomic_write
 
 ARRAYS = ("images", "labels", "seeds", "indices")
@@ -41,11 +41,11 @@ def write_samples_npz(path: Path, samples: dict[str, np.ndarray]) -> Path:
         seeds=samples["seeds"], indices=samples["indices"]))
 
 
-def class_sorted_grid(images: np.ndarray, labels: np.ndarray, max_images: int = 100) -> np.ndarray:
-    """A grid of the first ``max_images`` samples, ordered by label so each row shows one class where possible."""
-    order = np.argsort(labels[:max_images], kind="stable")
-    per_row = max(1, int(np.bincount(labels[:max_images]).max())) if len(labels) else 1
-    return make_grid(images[:max_images][order], nrow=min(per_row, 16))
+def class_sorted_grid(images: np.ndarray, labels: np.ndarray, max_images: int = 100,
+                      class_names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """One labelled row per class (``utils.images.class_grid``), about ``max_images`` samples in all."""
+    present = max(1, len(np.unique(labels)))
+    return class_grid(images, labels, class_names, per_class=max(1, min(16, max_images // present)))
 
 
 class SampleWriter(BasePredictionWriter):
@@ -83,7 +83,8 @@ class SampleWriter(BasePredictionWriter):
             return
         samples = load_shards(self.shard_dir)
         write_samples_npz(self.output_dir / "samples.npz", samples)
-        grid = class_sorted_grid(samples["images"], samples["labels"], self.grid_size)
+        grid = class_sorted_grid(samples["images"], samples["labels"], self.grid_size,
+                                 getattr(pl_module, "class_names", None))
         save_png(grid, self.output_dir / "grid.png")
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_image"):
