@@ -72,6 +72,12 @@ class TailgenCLI(LightningCLI):
         model = config.get("model")
         if model is not None and model.get("init_args") is not None:
             check_guidance_names(self.raw_args, model.init_args.get("guidances"))
+            data = config.get("data")
+            samples = data.get("init_args", {}).get("samples") if data is not None else None
+            if self.subcommand == "test" and samples is not None and model.get("class_path", "").endswith("GuidedDiffusion"):
+                # evaluating existing samples: no diffusion network (nor classifier / guidances) is built or loaded
+                for key in ("network", "classifier", "unconditional", "guidances"):
+                    model.init_args[key] = None
 
     def add_arguments_to_parser(self, parser) -> None:
         # The sample writer is always there on predict; its options are --writer.*.

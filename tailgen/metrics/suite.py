@@ -74,12 +74,13 @@ class MetricSuite(nn.Module):
         object.__setattr__(self, "extractor", extractor)  # not a sub-module (see module docstring)
         object.__setattr__(self, "classifier", classifier)
         self._check_provides(num_classes)
-        ref = reference or Reference({})
+        ref = reference if reference is not None else Reference({})  # (a stats-only Reference has len 0)
         dims = {k: v.shape[1] for k, v in ref.features.items()}
         dims.update({k: s[0].shape[0] for k, s in ref.stats.items()})
         dims.update(feature_dims or {})
         cpu = {"compute_on_cpu": compute_on_cpu}
         m: dict[str, nn.Module] = {}
+        self._stats_dims: dict[str, int] = {}  # fid/sfid whose reference is precomputed statistics: their dimension
         for name, key in (("fid", "pool"), ("sfid", "spatial")):
             if name not in self.names:
                 continue
@@ -88,6 +89,10 @@ class MetricSuite(nn.Module):
                                   f"statistics, or feature_dims={{'{key}': D}}")
             m[name] = FrechetDistance(dims[key], method=fid_method)
             if key in ref.stats and (use_npz_stats or key not in ref.features):
+                stats_dim = ref.stats[key][0].shape[0]
+                if key in ref.features and ref.features[key].shape[1] != stats_dim:
+                    raise ConfigError(_dims_message(name, key, ref.features[key].shape[1], stats_dim))
+                self._stats_dims[key] = stats_dim
                 m[name].set_reference(*ref.stats[key])
             elif key in ref.features:
                 m[name].set_reference(*gaussian_stats(ref.features[key]))
@@ -141,6 +146,9 @@ class MetricSuite(nn.Module):
     def update(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Generated images (uint8 NCHW) and their requested labels (needed for classwise / tail)."""
         feats = self._features(images)
+        for key, dim in self._stats_dims.items():
+            if key in feats and feats[key].shape[1] != dim:
+                raise ConfigError(_dims_message("fid" if key == "pool" else "sfid", key, feats[key].shape[1], dim))
         if labels is None and ("classwise" in self.metrics or "tail" in self.metrics):
             raise DataError("classwise / tail metrics need the requested labels in update(images, labels)")
         for name, metric in self.metrics.items():
@@ -186,3 +194,9 @@ class MetricSuite(nn.Module):
     def reset(self) -> None:
         for metric in self.metrics.values():
             metric.reset()
+
+
+def _dims_message(name: str, key: str, feature_dim: int, stats_dim: int) -> str:
+    return (f"{name}: the features are {feature_dim}-d ({key}) but the reference's precomputed statistics "
+            f"(mu/sigma of evaluation.reference) are {stats_dim}-d: guided-diffusion's statistics fit Inception "
+            "features only; use evaluation.features=inception, or a reference with images (arr_0)")

@@ -17,6 +17,8 @@ from tailgen.models.spec import NetworkSpec
 from tailgen.utils import ConfigError
 from tailgen.utils.io import atomic_write
 
+FEATURE_NETWORK_KEY = "model.init_args.evaluation.feature_network"  # as the configs write it
+LABELLED_METRICS = ("classwise", "tail")  # need the samples' requested labels
 DEFAULT_METRICS = ("fid", "precision", "recall", "density", "coverage", "classwise", "tail")
 HEADLINE = ("fid", "sfid", "is", "precision", "recall", "density", "coverage", "kid",
             "classwise/recall_mean", "classwise/coverage_mean", "classwise/fid_mean",
@@ -68,19 +70,24 @@ class Evaluation:
             return {"folder": path}
         raise ConfigError(f"evaluation.reference {self.reference!r}: use fashion_mnist:test, a reference .npz or a folder")
 
-    def build_suite(self, num_classes: Optional[int], sample_shape: Optional[tuple] = None) -> MetricSuite:
+    def build_suite(self, num_classes: Optional[int], sample_shape: Optional[tuple] = None,
+                    metrics: Optional[Sequence[str]] = None) -> MetricSuite:
         """The metric suite with its reference features (cached on disk); ``sample_shape`` (H, W, C) of the
-        samples: a reference of another size is refused before any feature is computed."""
+        samples: a reference of another size is refused before any feature is computed. ``metrics`` overrides
+        the configured list (e.g. without those that need labels). With Inception features, a reference batch's
+        precomputed statistics (ADM's ``mu/sigma``, ``mu_s/sigma_s``) give FID / sFID's reference side."""
         clean = None
         if self.feature_network is not None:
-            clean = ClassifierFeatures(self.feature_network.build(key="model.init_args.evaluation.init_args.feature_network"), timestep=0, name=self.feature_network.preset)
+            clean = ClassifierFeatures(self.feature_network.build(key=FEATURE_NETWORK_KEY), timestep=0,
+                                       name=self.feature_network.preset)
         if self.features == "inception":
             from tailgen.metrics.inception import InceptionFeatures
 
             extractor = InceptionFeatures(self.inception_weights, spatial="sfid" in self.metrics)
         else:
             extractor = clean
-        return MetricSuite.with_reference(self.metrics, extractor, classifier=clean, num_classes=num_classes,
+        return MetricSuite.with_reference(list(metrics or self.metrics), extractor,
+                                          use_npz_stats=self.features == "inception", classifier=clean, num_classes=num_classes,
                                           cache_dir=self.cache_dir, low_conf_threshold=self.low_conf_threshold,
                                           sample_shape=sample_shape, **self.reference_source())
 

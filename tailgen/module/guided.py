@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 from torch import Tensor
@@ -20,13 +21,15 @@ from tailgen.diffusion.noise import NoiseSource, SeededNoise
 from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.models.spec import NetworkSpec
-from tailgen.module.evaluation import Evaluation, as_floats, format_table, write_report
+from tailgen.module.evaluation import LABELLED_METRICS, Evaluation, as_floats, format_table, write_report
 from tailgen.module.sampling_data import sample_seed
 from tailgen.sampling import SAMPLERS
 from tailgen.sampling.sanity import SampleMonitor
 from tailgen.utils import ConfigError
 from tailgen.utils.images import class_grid, make_grid, save_png, to_uint8
 
+NO_NETWORK = ("model.init_args.network is not set: sampling needs a diffusion network (preset / flags / "
+              "checkpoint); to evaluate existing samples run `tailgen test` with --data.init_args.samples FILE.npz")
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
 
 
@@ -34,7 +37,8 @@ class GuidedDiffusion(L.LightningModule):
     """Guided sampling of a pretrained (class-conditional) diffusion model.
 
     Args:
-        network: the diffusion UNet (preset / flags / checkpoint); its preset supplies the diffusion flags.
+        network: the diffusion UNet (preset / flags / checkpoint); its preset supplies the diffusion flags. Not
+            needed (and not loaded: the CLI drops it) when ``tailgen test`` evaluates ``data.samples``.
         classifier: noisy-image classifier p(y | x_t, t) for gradient guidances (ADM, low-density, ...).
         unconditional: a separate unconditional model for classifier-free guidance (e.g. 256x256_diffusion_uncond).
         diffusion: guided-diffusion diffusion flags overriding the network's (e.g. ``{timestep_respacing: "250"}``).
@@ -53,7 +57,7 @@ class GuidedDiffusion(L.LightningModule):
 
     def __init__(
         self,
-        network: NetworkSpec,
+        network: Optional[NetworkSpec] = None,
         classifier: Optional[NetworkSpec] = None,
         unconditional: Optional[NetworkSpec] = None,
         diffusion: Optional[dict[str, Any]] = None,
@@ -70,6 +74,34 @@ class GuidedDiffusion(L.LightningModule):
         if sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
         self.save_hyperparameters(ignore=["guidances", "evaluation"])
+        if network is None:  # evaluating existing samples only
+            if classifier is not None or unconditional is not None or guidances:
+                raise ConfigError(NO_NETWORK + " (guidances, model.init_args.classifier and "
+                                  "model.init_args.unconditional act on a diffusion network)")
+            self.process, self.net, self.classifier_net, self.uncond_net = None, None, None, None
+            self.num_classes, self.class_names, self.image_shape = num_classes, None, None
+        else:
+            self._build_networks(network, classifier, unconditional, diffusion, num_classes)
+        self.sampler, self.eta, self.clip_denoised, self.progress = sampler, eta, clip_denoised, progress
+        self.check_samples = check_samples
+        self.evaluation, self.suite = evaluation, None
+        self.step_hook: Optional[Callable[[dict], None]] = None  # set by the CLI's SampleProgressBar
+        self.guidances = dict(guidances or {})
+        for name, guidance in self.guidances.items():
+            if type(guidance) is Guidance:
+                raise ConfigError(
+                    f"model.init_args.guidances.{name} is the base class tailgen.guidance.Guidance, which has no hooks "
+                    "(it would do nothing): give the class_path of a guidance (e.g. tailgen.guidance.ClassifierGuidance) "
+                    "or of your own Guidance subclass (in a config file, check the guidance name for a typo)"
+                )
+        self.stack = GuidanceStack(self.guidances)
+        self.stack.validate(sampler=sampler, has_classifier=self.classifier_net is not None,
+                            has_uncond=self.uncond_net is not None)
+        self.freeze()
+
+    def _build_networks(self, network: NetworkSpec, classifier: Optional[NetworkSpec],
+                        unconditional: Optional[NetworkSpec], diffusion: Optional[dict], num_classes: Optional[int]):
+        """The diffusion process and the frozen networks (weights and resolutions checked before any load)."""
         diffusion = dict(diffusion or {})
         if isinstance(diffusion.get("timestep_respacing"), int):  # `--model.diffusion.timestep_respacing=250`
             diffusion["timestep_respacing"] = str(diffusion["timestep_respacing"])
@@ -100,22 +132,6 @@ class GuidedDiffusion(L.LightningModule):
             FASHION_CLASS_NAMES if self.num_classes == 10 and preset.startswith("fashion") else None)
         self.image_shape = ((flags.get("in_channels", 3), flags["image_size"], flags["image_size"])
                             if "image_size" in flags else (flags.get("in_dim", 2),))
-        self.sampler, self.eta, self.clip_denoised, self.progress = sampler, eta, clip_denoised, progress
-        self.check_samples = check_samples
-        self.evaluation, self.suite = evaluation, None
-        self.step_hook: Optional[Callable[[dict], None]] = None  # set by the CLI's SampleProgressBar
-        self.guidances = dict(guidances or {})
-        for name, guidance in self.guidances.items():
-            if type(guidance) is Guidance:
-                raise ConfigError(
-                    f"model.init_args.guidances.{name} is the base class tailgen.guidance.Guidance, which has no hooks "
-                    "(it would do nothing): give the class_path of a guidance (e.g. tailgen.guidance.ClassifierGuidance) "
-                    "or of your own Guidance subclass (in a config file, check the guidance name for a typo)"
-                )
-        self.stack = GuidanceStack(self.guidances)
-        self.stack.validate(sampler=sampler, has_classifier=self.classifier_net is not None,
-                            has_uncond=self.uncond_net is not None)
-        self.freeze()
 
     # ------------------------------------------------------------------------------------------------ adapters
 
@@ -144,6 +160,8 @@ class GuidedDiffusion(L.LightningModule):
         """Sample one image per label (one batch): noise from per-sample ``seeds`` (default: those of
         ``tailgen predict`` with data seed 0, ``sample_seed(0, k)``), or an explicit ``noise`` source (e.g.
         recorded noise to replay). Returns float NCHW in [-1, 1]."""
+        if self.net is None:
+            raise ConfigError(NO_NETWORK)
         if labels is not None:
             self.check_labels(labels)
         # Lightning may run predict/test under inference mode: leave it, so guidance gradients work.
@@ -206,15 +224,38 @@ class GuidedDiffusion(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ evaluation
 
     def setup(self, stage: str) -> None:
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "dataset", None) if self._trainer else None
+        from_file = getattr(dataset, "image_shape", None) is not None  # an existing samples.npz
+        if self.net is None and not (stage == "test" and from_file):
+            raise ConfigError(NO_NETWORK)
         if stage == "test":
             if self.evaluation is None:
                 raise ConfigError("tailgen test needs model.evaluation (metrics, features, reference): "
                                   "add e.g. --config configs/fashion/eval.yaml")
-            dataset = getattr(getattr(self.trainer, "datamodule", None), "dataset", None) if self._trainer else None
             sample_shape = getattr(dataset, "image_shape", None)  # an existing samples.npz, else what we sample
             if sample_shape is None and len(self.image_shape) == 3:
                 sample_shape = (self.image_shape[1], self.image_shape[2], self.image_shape[0])
-            self.suite = self.evaluation.build_suite(self.num_classes, sample_shape=sample_shape)
+            metrics = list(self.evaluation.metrics)
+            if from_file and (dataset.labels < 0).all():
+                dropped = [m for m in metrics if m in LABELLED_METRICS]
+                metrics = [m for m in metrics if m not in LABELLED_METRICS]
+                if dropped:
+                    rank_zero_info(f"the samples have no labels (no arr_1): skipping {', '.join(dropped)}")
+                if not metrics:
+                    raise ConfigError(f"the samples file has no labels (arr_1) and every metric asked for "
+                                      f"({', '.join(dropped)}) needs them: add fid / precision / recall / ...")
+            elif self.net is None:
+                self._classes_from(dataset)
+            self.suite = self.evaluation.build_suite(self.num_classes, sample_shape=sample_shape, metrics=metrics)
+
+    def _classes_from(self, dataset) -> None:
+        """Without a diffusion network: num_classes from the judging classifier, else the samples' labels."""
+        spec = self.evaluation.feature_network
+        if self.num_classes is None:
+            flags = spec.flags_resolved if spec is not None else {}
+            self.num_classes = flags.get("num_classes") or int(dataset.labels.max()) + 1
+        if self.num_classes == 10 and spec is not None and (spec.preset or "").startswith("fashion"):
+            self.class_names = FASHION_CLASS_NAMES
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> None:
         if "images" in batch:  # evaluating an existing samples.npz
