@@ -56,7 +56,9 @@ FASHION = ["predict", "--config", str(REPO / "configs/fashion/adm_g.yaml"), "--w
 
 CASES = [
     # weights files
-    Case("ckpt_missing", [*P, f"{NET}.checkpoint={{kit}}/nope.pt"], ["not found", "nope.pt"]),
+    Case("ckpt_missing", [*P, f"{NET}.checkpoint={{kit}}/nope.pt"], ["model.init_args.network.checkpoint", "not found", "nope.pt"]),
+    Case("feature_network_ckpt_missing", [*T, "--model.init_args.evaluation.feature_network.checkpoint={kit}/nope.pt"],
+         ["model.init_args.evaluation.feature_network.checkpoint", "not found", "nope.pt"]),
     Case("ckpt_directory", [*P, f"{NET}.checkpoint={{kit}}"], ["is a directory"]),
     Case("ckpt_empty", [*P, f"{NET}.checkpoint={{kit}}/empty.pt"], ["empty.pt", "0 bytes"]),
     Case("ckpt_truncated", [*P, f"{NET}.checkpoint={{kit}}/truncated.pt"], ["truncated.pt", "truncated"]),

@@ -5,18 +5,12 @@ in processes of their own, their stdout / stderr captured. One bar over samples 
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from cli_processes import run_all
 from test_cli_errors import make_kit
 
-REPO = Path(__file__).resolve().parents[1]
 NOISE = ("Tip:", "litlogger", "litmodels", "LeafSpec", "Test metric", "DataLoader 0", "Predicting")
 
 
@@ -26,9 +20,6 @@ def runs(tmp_path_factory):
     kit = root / "kit"
     kit.mkdir()
     make_kit(kit)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    tailgen = shutil.which("tailgen", path=str(Path(sys.executable).parent)) or "tailgen"
     base = ["--config", str(kit / "base.yaml"), "--data.init_args.num_samples=6", "--data.init_args.batch_size=4",
             "--model.init_args.check_samples=false"]  # random networks make saturated images
     argvs = {
@@ -36,17 +27,11 @@ def runs(tmp_path_factory):
         "predict_quiet": ["predict", *base, "--trainer.enable_progress_bar=false"],
         "test": ["test", *base, "--config", str(kit / "eval.yaml"), "--trainer.enable_progress_bar=true"],
     }
-    procs = {}
-    for name, argv in argvs.items():
-        (root / name).mkdir()
-        procs[name] = subprocess.Popen([tailgen, *argv], cwd=root / name, env=env, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr
-        out[name] = (stdout, stderr)
-    out["_kit"], out["_env"] = kit, env
+    out = run_all(argvs, root)
+    for name, (rc, _, stderr, _) in out.items():
+        assert rc == 0, stderr
+    out = {name: (stdout, stderr) for name, (_, stdout, stderr, _) in out.items()}
+    out["_kit"] = kit
     return out
 
 
@@ -83,13 +68,10 @@ def test_wrote_line_on_its_own(runs, name):
 def test_error_starts_its_own_line(tmp_path, runs):
     """A run that fails mid-bar (degenerate samples of random nets): the error line is not glued to the bar."""
     kit = runs["_kit"]
-    result = subprocess.run([shutil.which("tailgen", path=str(Path(sys.executable).parent)) or "tailgen", "predict",
-                             "--config", str(kit / "base.yaml"), "--trainer.enable_progress_bar=true"],
-                            cwd=tmp_path, text=True, capture_output=True, timeout=300,
-                            env=runs["_env"])
-    assert result.returncode == 2, result.stderr
-    assert sum(line.startswith("tailgen: error:") for line in result.stderr.replace("\r", "\n").splitlines()) == 1, \
-        result.stderr
+    rc, _, stderr, _ = run_all({"fails": ["predict", "--config", str(kit / "base.yaml"),
+                                          "--trainer.enable_progress_bar=true"]}, tmp_path)["fails"]
+    assert rc == 2, stderr
+    assert sum(line.startswith("tailgen: error:") for line in stderr.replace("\r", "\n").splitlines()) == 1, stderr
 
 
 def test_test_writes_a_class_grid_beside_metrics(runs):

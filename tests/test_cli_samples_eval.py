@@ -6,20 +6,14 @@ Tiny constructed npz files and random tiny networks (the bad-input kit of tests/
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cli_processes import run_all
 from test_cli_errors import make_kit
 from test_metrics_suite import PixelFeatures, _data
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -31,9 +25,6 @@ def runs(tmp_path_factory):
         np.savez(kit / "unlabelled.npz", arr_0=z["arr_0"])
     # an ADM-style reference batch holding only 2048-d statistics (as Inception's), no images
     np.savez(kit / "stats_only.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    tailgen = shutil.which("tailgen", path=str(Path(sys.executable).parent)) or "tailgen"
     test = ["test", "--config", str(kit / "base.yaml"), "--config", str(kit / "eval.yaml")]
     argvs = {
         # the network's weights file does not exist: evaluating samples must not load it
@@ -47,16 +38,7 @@ def runs(tmp_path_factory):
         "stats_dims_differ": [*test, f"--data.init_args.samples={kit / 'samples.npz'}",
                               f"--model.init_args.evaluation.reference={kit / 'stats_only.npz'}"],
     }
-    procs = {}
-    for name, argv in argvs.items():
-        (root / name).mkdir()
-        procs[name] = subprocess.Popen([tailgen, *argv], cwd=root / name, env=env, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        out[name] = (proc.returncode, stdout, stderr, root / name)
-    return out
+    return run_all(argvs, root)
 
 
 def _metrics(folder: Path) -> dict:

@@ -17,7 +17,7 @@ from torch import nn
 from tailgen.models.adm import DIFFUSION_FLAGS
 from tailgen.models.checkpoint import load_checkpoint
 from tailgen.models.presets import BUILDERS, PRESETS, build_network, get_preset
-from tailgen.utils import ConfigError
+from tailgen.utils import CheckpointError, ConfigError
 
 _DIFFUSION_NAMES = DIFFUSION_FLAGS | {"learn_sigma"}
 
@@ -105,7 +105,12 @@ class NetworkSpec:
         checkpoint = self.weights
         if checkpoint:
             model = build_network(self.kind, self.flags_resolved, device="meta")
-            load_checkpoint(model, checkpoint, prefix=self.prefix, device=device)
+            try:
+                load_checkpoint(model, checkpoint, prefix=self.prefix, device=device)
+            except CheckpointError as error:  # name the config key that gave the file
+                if str(error).startswith(f"{key}."):
+                    raise
+                raise CheckpointError(f"{key}.checkpoint: {error}") from None
         else:
             model = build_network(self.kind, self.flags_resolved, device=device)
         return model.eval().requires_grad_(False)

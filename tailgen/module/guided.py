@@ -119,7 +119,7 @@ class GuidedDiffusion(L.LightningModule):
                     f"(model.init_args.network) makes {size}x{size}: use a {role} of the same resolution "
                     f"(e.g. the {size}x{size}_classifier preset with {size}x{size}_diffusion)"
                 )
-        self.net = network.build()
+        self.net = network.build(key="model.init_args.network")
         self.classifier_net = classifier.build(key="model.init_args.classifier") if classifier is not None else None
         self.uncond_net = unconditional.build(key="model.init_args.unconditional") if unconditional is not None else None
         flags = network.flags_resolved
