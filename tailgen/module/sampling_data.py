@@ -147,12 +147,11 @@ class SamplingDataModule(L.LightningDataModule):
     of every index, to verify shards) and calls :meth:`skip` with the indices it already has (resume).
     """
 
-    # predict with N < number of processes leaves some ranks without a batch; the writer syncs in teardown
-    allow_zero_length_dataloader_with_multiple_devices = True
-
     def __init__(self, num_samples: int = 64, labels: LabelSpec = "uniform", seed: int = 0, batch_size: int = 16,
                  num_classes: Optional[int] = None, samples: Optional[str] = None):
         super().__init__()
+        # predict with fewer batches than processes leaves some ranks without one; the writer syncs in teardown
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         if num_samples < 1 or batch_size < 1:
             raise ConfigError(f"num_samples and batch_size must be >= 1 (got {num_samples}, {batch_size})")
         self.num_samples, self.labels, self.seed, self.batch_size = num_samples, labels, seed, batch_size

@@ -37,7 +37,9 @@ from tailgen.utils.io import array_digest, file_digest
 
 _NOT_SAMPLING = ("progress", "evaluation")
 # Batches come whole from the datamodule (batch_size=None); the writer reads indices from the batch itself.
-warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched")  # model init_args that do not change a sample
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched")
+# A finished folder leaves nothing to sample; the writer says so in one line.
+warnings.filterwarnings("ignore", message="Total length of `DataLoader` across ranks is zero")  # model init_args that do not change a sample
 
 
 def weights_digest(module: torch.nn.Module) -> str:
