@@ -197,3 +197,15 @@ def test_single_label_from_the_command_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1
     assert "label 12 is out of range" in err[0] and "num_classes=10" in err[0], err
+
+
+def test_folder_claims(tmp_path):
+    """A samples.npz whose merge was cut short (no samples.json yet) belongs to the run in shards/run.json."""
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((1, 2, 2, 3), np.uint8))
+    with pytest.raises(shards.ConfigError, match="unknown config"):
+        shards.refuse_foreign(tmp_path, "a" * 64)
+    (tmp_path / "shards").mkdir()
+    shards.write_json(tmp_path / "shards" / "run.json", {"config_hash": "a" * 64})
+    shards.refuse_foreign(tmp_path, "a" * 64)
+    with pytest.raises(shards.ConfigError, match=r"shards/run.json: config aaaaaaaaaaaa; this run: config bbbbbbbbbbbb"):
+        shards.refuse_foreign(tmp_path, "b" * 64)

@@ -129,7 +129,7 @@ def folder_claims(output_dir: Path) -> list[tuple[str, Optional[str]]]:
     shard_dir = output_dir / "shards"
     if (output_dir / PROVENANCE).exists():
         claims.append((PROVENANCE, (_read_json(output_dir / PROVENANCE) or {}).get("config_hash")))
-    elif (output_dir / SAMPLES).exists():
+    elif (output_dir / SAMPLES).exists() and not (shard_dir / RUN_FILE).exists():  # else: a merge cut short
         claims.append((f"{SAMPLES} without {PROVENANCE}", None))
     if (shard_dir / RUN_FILE).exists():
         claims.append((f"shards/{RUN_FILE}", (_read_json(shard_dir / RUN_FILE) or {}).get("config_hash")))

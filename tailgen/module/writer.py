@@ -121,6 +121,7 @@ class SampleWriter(BasePredictionWriter):
         shards.refuse_foreign(self.output_dir, config_hash)
         n = len(plan["labels"])
         if shards.finished(self.output_dir, config_hash):
+            shutil.rmtree(self.shard_dir, ignore_errors=True)  # left if the last run stopped right after samples.json
             return {"hash": config_hash, "identity": identity, "done": np.arange(n), "finished": True}
         for name in (shards.SAMPLES, shards.PROVENANCE, shards.GRID):  # stale output of this config: redone below
             (self.output_dir / name).unlink(missing_ok=True)
