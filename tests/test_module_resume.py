@@ -91,8 +91,9 @@ def test_kill_9_then_same_command_resumes_bit_identically(tmp_path, capsys, coun
 
 
 def test_bad_shards_are_dropped_and_resampled(tmp_path, capsys, count_batches):
-    """Shards are verified: a corrupt file, a tampered image and a stray temporary are replaced, not merged."""
-    config = write_config(tmp_path, data={"num_samples": 6, "batch_size": 2})
+    """Shards are verified: a corrupt file, a tampered image, a wrong image size (with a matching digest) and a
+    stray temporary are replaced, not merged; the valid shard is reused."""
+    config = write_config(tmp_path, data={"num_samples": 8, "batch_size": 2})
     out = tmp_path / "out"
     predict(config, steps=2)
     full = load(out)
@@ -103,9 +104,11 @@ def test_bad_shards_are_dropped_and_resampled(tmp_path, capsys, count_batches):
     shard_dir = out / "shards"
     shard_dir.mkdir()
     (shard_dir / "run.json").write_text(json.dumps({"config_hash": run_hash}))
-    for start in (0, 2, 4):
+    for start in (0, 2, 4, 6):
         part = {"images": full["arr_0"][start:start + 2], "labels": full["arr_1"][start:start + 2],
                 "seeds": full["seeds"][start:start + 2], "indices": full["indices"][start:start + 2]}
+        if start == 6:
+            part["images"] = part["images"][:, :16]
         shards.write_shard(shard_dir, part, run_hash)
     (shard_dir / "00000000-00000001.npz").write_bytes(b"truncated")
     tampered = dict(np.load(shard_dir / "00000002-00000003.npz"))
@@ -115,8 +118,8 @@ def test_bad_shards_are_dropped_and_resampled(tmp_path, capsys, count_batches):
     count_batches.clear()
     predict(config, steps=2)
     err = capsys.readouterr().err
-    assert "unreadable" in err and "digest" in err
-    assert sorted(count_batches) == [[0, 1], [2, 3]]
+    assert "unreadable" in err and "digest" in err and "expected uint8" in err
+    assert sorted(count_batches) == [[0, 1], [2, 3], [6, 7]]
     np.testing.assert_array_equal(load(out)["arr_0"], full["arr_0"])
 
 

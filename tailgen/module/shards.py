@@ -63,8 +63,10 @@ def write_shard(shard_dir: Path, arrays: dict[str, np.ndarray], config_hash: str
         tmp.open("wb"), **arrays, config_hash=np.array(config_hash), digest=np.array(digest)))
 
 
-def read_shard(path: Path, config_hash: str, plan: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays of a shard that verifies against this run, else ValueError naming what is wrong."""
+def read_shard(path: Path, config_hash: str, plan: dict[str, np.ndarray],
+               image_shape: Optional[tuple] = None) -> dict[str, np.ndarray]:
+    """The arrays of a shard that verifies against this run (``image_shape``: one sample's, e.g. H×W×C), else
+    ValueError naming what is wrong."""
     try:
         with np.load(path) as f:
             data = {k: f[k] for k in (*ARRAYS, "config_hash", "digest")}
@@ -76,8 +78,9 @@ def read_shard(path: Path, config_hash: str, plan: dict[str, np.ndarray]) -> dic
         raise ValueError("content does not match the digest recorded at write time")
     images, indices = data["images"], data["indices"]
     n = len(indices)
-    if images.dtype != np.uint8 or images.ndim < 2 or len(images) != n:
-        raise ValueError(f"images {images.dtype} {images.shape} for {n} indices")
+    if images.dtype != np.uint8 or images.ndim < 2 or len(images) != n or (
+            image_shape is not None and images.shape[1:] != tuple(image_shape)):
+        raise ValueError(f"images {images.dtype} {images.shape} for {n} indices (expected uint8 N×{image_shape})")
     if indices.dtype.kind not in "iu" or n == 0 or indices.min() < 0 or indices.max() >= len(plan["labels"]):
         raise ValueError("indices outside this run's 0..N-1")
     for key in ("labels", "seeds"):
@@ -86,7 +89,7 @@ def read_shard(path: Path, config_hash: str, plan: dict[str, np.ndarray]) -> dic
     return {k: data[k] for k in ARRAYS}
 
 
-def scan_shards(shard_dir: Path, config_hash: str, plan: dict[str, np.ndarray],
+def scan_shards(shard_dir: Path, config_hash: str, plan: dict[str, np.ndarray], image_shape: Optional[tuple] = None,
                 remove_bad: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
     """All verified samples in ``shard_dir`` (merged, in index order) and a note per shard that was dropped
     (removed when ``remove_bad``: its samples are recomputed). Leftover temporary files are removed."""
@@ -96,7 +99,7 @@ def scan_shards(shard_dir: Path, config_hash: str, plan: dict[str, np.ndarray],
     seen = np.zeros(len(plan["labels"]), dtype=bool)
     for path in sorted(shard_dir.glob("*.npz")):
         try:
-            part = read_shard(path, config_hash, plan)
+            part = read_shard(path, config_hash, plan, image_shape)
             if seen[part["indices"]].any() or len(np.unique(part["indices"])) != len(part["indices"]):
                 raise ValueError("repeats samples another shard already holds")
         except ValueError as exc:

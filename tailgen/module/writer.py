@@ -74,6 +74,12 @@ def model_config(pl_module: L.LightningModule, run_config: Optional[dict]) -> di
     return json.loads(json.dumps(described, default=repr, sort_keys=True))
 
 
+def sample_shape(pl_module: L.LightningModule) -> Optional[tuple]:
+    """One sample as the writer stores it (H, W, C), from the module's ``image_shape`` (C, H, W) if it has one."""
+    shape = tuple(getattr(pl_module, "image_shape", ()) or ())
+    return (*shape[1:], shape[0]) if len(shape) == 3 else None
+
+
 def class_sorted_grid(images: np.ndarray, labels: np.ndarray, max_images: int = 100) -> np.ndarray:
     """A grid of the first ``max_images`` samples, ordered by label so each row shows one class where possible."""
     order = np.argsort(labels[:max_images], kind="stable")
@@ -127,7 +133,7 @@ class SampleWriter(BasePredictionWriter):
             (self.output_dir / name).unlink(missing_ok=True)
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         shards.write_json(self.shard_dir / shards.RUN_FILE, {"config_hash": config_hash, "identity": identity})
-        done, notes = shards.scan_shards(self.shard_dir, config_hash, plan)
+        done, notes = shards.scan_shards(self.shard_dir, config_hash, plan, sample_shape(pl_module))
         for note in notes:
             print(f"tailgen: dropped shard {note}; its samples are sampled again", file=sys.stderr)
         if len(done["indices"]):
@@ -179,7 +185,8 @@ class SampleWriter(BasePredictionWriter):
             print(f"nothing to do: {self.output_dir / shards.SAMPLES} already holds these {n} samples "
                   f"(config {shards.short(run['hash'])}, see {shards.PROVENANCE})")
             return
-        samples, notes = shards.scan_shards(self.shard_dir, run["hash"], run["plan"], remove_bad=False)
+        samples, notes = shards.scan_shards(self.shard_dir, run["hash"], run["plan"], sample_shape(pl_module),
+                                            remove_bad=False)
         if len(samples["indices"]) != n or notes:
             missing = np.setdiff1d(np.arange(n), samples["indices"])
             raise SamplingError(f"{self.shard_dir} holds {len(samples['indices'])} of {n} verified samples "
