@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from tailgen.metrics._states import FeatureSetMetric, cat_count, cat_state
+from tailgen.metrics._states import FeatureSetMetric
 from tailgen.utils import ConfigError, DataError
 
 __all__ = ["prdc", "manifold_masks", "knn_radii", "PrecisionRecallDensityCoverage"]
@@ -179,10 +179,6 @@ class PrecisionRecallDensityCoverage(FeatureSetMetric):
         self.k_pr, self.k_dc, self.inclusive, self.block_size = k_pr, k_dc, inclusive, block_size
 
     def compute(self) -> dict[str, float]:
-        fake = cat_state(self.fake_features)
-        real = cat_state(self.real_features) if cat_count(self.real_features) else self._reference
-        if fake is None or real is None:
-            raise DataError("precision/recall need fake features and real ones "
-                            "(set_reference_features(...) or update(x, real=True))")
-        return prdc(real.to(fake.device), fake, self.k_pr, self.k_dc, inclusive=self.inclusive,
+        real, fake = self.feature_sets("precision/recall")
+        return prdc(real, fake, self.k_pr, self.k_dc, inclusive=self.inclusive,
                     block_size=self.block_size)
