@@ -124,18 +124,25 @@ def test_no_sample_in_any_ball_gives_nan_rarity():
 FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 
-def _fashion_features(preset):
+def _fashion_features(preset, cache_dir):
+    """Features of 3,000 random train images (pool for prototypes / the random subset) and of the first 1,000 test
+    images (reference), cached under pytest's cache (keyed by images and network, as the reference cache)."""
     from tailgen.data.fashion_mnist import load_fashion_mnist
     from tailgen.metrics.features import ClassifierFeatures
+    from tailgen.metrics.reference import cached_features
     from tailgen.models.spec import NetworkSpec
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    train_x, train_y = load_fashion_mnist("train")
-    test_x, _ = load_fashion_mnist("test")
-    extractor = ClassifierFeatures(NetworkSpec(preset).build(), timestep=0, batch_size=500)
-    pool = np.random.default_rng(0).choice(len(train_x), 4000, replace=False)
-    pool_f = extractor(torch.from_numpy(train_x[pool][:, None]))["pool"].double()
-    ref_f = extractor(torch.from_numpy(test_x[:1000][:, None]))["pool"].double()
+    try:
+        train_x, train_y = load_fashion_mnist("train")
+        test_x, _ = load_fashion_mnist("test")
+        extractor = ClassifierFeatures(NetworkSpec(preset).build(), timestep=0, batch_size=500, name=preset)
+        pool = np.random.default_rng(0).choice(len(train_x), 3000, replace=False)
+        pool_f = cached_features(extractor, train_x[pool][:, None], cache_dir=cache_dir)["pool"].double()
+        ref_f = cached_features(extractor, test_x[:1000][:, None], cache_dir=cache_dir)["pool"].double()
+    finally:
+        torch.set_num_threads(threads)
     return pool_f, torch.from_numpy(train_y[pool]).long(), ref_f
 
 
@@ -151,12 +158,14 @@ def _prototypes(feats, labels, n):
 
 @pytest.mark.skipif(not __import__("os").path.exists(FASHION), reason="Fashion-MNIST IDX files not installed")
 @pytest.mark.parametrize("preset", ["fashion_clean_classifier", "fashion_judge"])
-def test_prototypes_score_low_tail_coverage_on_fashion_features(preset):
+def test_prototypes_score_low_tail_coverage_on_fashion_features(preset, request):
+    """Prototypes (the images nearest their class mean) sit in dense regions: they must cover the tail of a real
+    reference much less than a random real subset of the same size does, and have lower rarity."""
     from tailgen.models.presets import PRESETS
 
     if preset not in PRESETS:
         pytest.skip(f"{preset} weights not shipped")
-    pool, labels, ref = _fashion_features(preset)
+    pool, labels, ref = _fashion_features(preset, request.config.cache.mkdir("tailgen-features"))
     random_subset = pool[:1000]
     protos = _prototypes(pool, labels, 1000)
     rnd = tail_manifold(ref, random_subset)

@@ -1,18 +1,18 @@
-"""k-NN tail metrics: rarity score (Han et al. 2023) and tail / head coverage with a common radius.
+"""k-NN tail metrics: rarity score (Han et al. 2023) and tail / head coverage with capped balls.
 
 Notation as `tailgen.metrics.manifold`: real X (N), fake Y (M), NND_k(x) = distance from x to its k-th nearest
 neighbour in its own set (self excluded), "inside" is ``d <= r`` (``inclusive=True``) or ``d < r``.
 
 **Rarity score** (Han, Choi, Choi, Kim, Ha & Choi, "Rarity Score: A New Metric to Evaluate the Uncommonness of
-Synthesized Images", ICLR 2023, Eq. 2): a real point in a sparse region has a large k-NN ball, so a sample that
+Synthesized Images", ICLR 2023; arXiv 2206.08549): a real point in a sparse region has a large k-NN ball, so a sample that
 only the large balls contain is uncommon:
 
     RS(Y_j) = min { NND_k(X_i) : Y_j in B(X_i, NND_k(X_i)) }        (Euclidean distance units)
 
 defined for samples inside at least one real ball (the others are off the real manifold and are discarded).
 Reported: ``rarity`` = mean RS over the in-manifold samples (NaN when there is none) and ``rarity_outside`` =
-share of samples inside no real ball (1 - precision at the same k). Default k = 3 (the paper's and its code's
-example ``nearest_k = 3``). Note: the authors' code takes the radius at index k+1 of each sorted distance row
+share of samples inside no real ball (1 - precision at the same k). Default k = 3 (the authors' README example
+``nearest_k = 3``). Note: the authors' code takes the radius at index k+1 of each sorted distance row
 (self at index 0), i.e. NND_{k+1}; tailgen uses NND_k as the paper's text and as precision/recall here, so
 tailgen's k = 3 is their code's k = 2. RS is in feature units: compare it only within one feature space and one
 reference set (its scale grows as the reference shrinks).
