@@ -48,7 +48,7 @@ import math
 import torch
 
 from tailgen.metrics._states import FeatureSetMetric
-from tailgen.metrics.manifold import _check_block, _dtype, _prepare, _sq_dist, _sq_norms, knn_radii
+from tailgen.metrics.manifold import _check_block, cross_tiles, knn_radii, prepare_pair
 from tailgen.utils import ConfigError, DataError
 
 __all__ = ["tail_masks", "tail_manifold", "rarity_scores", "TailManifold", "TAIL_MANIFOLD_KEYS"]
@@ -74,11 +74,7 @@ def tail_masks(real: torch.Tensor, fake: torch.Tensor, k_rarity: int = 3, k_tail
     """
     _check(k_rarity, k_tail, tail_fraction)
     block_size = _check_block(block_size)
-    dtype = _dtype(torch.as_tensor(real), torch.as_tensor(fake))
-    real = _prepare(real, dtype, "real")
-    fake = _prepare(fake, dtype, "fake").to(real.device)
-    if real.shape[1] != fake.shape[1]:
-        raise DataError(f"real and fake features differ in dimension: {real.shape[1]} vs {fake.shape[1]}")
+    real, fake = prepare_pair(real, fake)
     if fake.shape[0] == 0:
         raise DataError("tail metrics need at least one fake feature vector")
     inside = torch.le if inclusive else torch.lt
@@ -91,18 +87,13 @@ def tail_masks(real: torch.Tensor, fake: torch.Tensor, k_rarity: int = 3, k_tail
     is_tail[order[:n_tail]] = True
     cap_sq = r_tail[order[n_tail - 1]]  # smallest tail radius (squared)
     capped = torch.minimum(r_tail, cap_sq)
-    best = torch.full((m,), math.inf, dtype=dtype, device=real.device)  # squared RS
+    best = torch.full((m,), math.inf, dtype=real.dtype, device=real.device)  # squared RS
     covered = torch.zeros(n, dtype=torch.bool, device=real.device)
-    r_sq, f_sq = _sq_norms(real), _sq_norms(fake)
-    for r0 in range(0, n, block_size):
-        r1 = min(r0 + block_size, n)
-        for c0 in range(0, m, block_size):
-            c1 = min(c0 + block_size, m)
-            d = _sq_dist(real[r0:r1], r_sq[r0:r1], fake[c0:c1], f_sq[c0:c1])
-            ball = r_rs[r0:r1, None]
-            cand = torch.where(inside(d, ball), ball.expand_as(d), torch.full_like(d, math.inf)).amin(0)
-            best[c0:c1] = torch.minimum(best[c0:c1], cand)
-            covered[r0:r1] |= inside(d, capped[r0:r1, None]).any(1)
+    for rows, cols, d in cross_tiles(real, fake, block_size):
+        ball = r_rs[rows, None]
+        cand = torch.where(inside(d, ball), ball.expand_as(d), torch.full_like(d, math.inf)).amin(0)
+        best[cols] = torch.minimum(best[cols], cand)
+        covered[rows] |= inside(d, capped[rows, None]).any(1)
     rarity = torch.where(torch.isfinite(best), best.sqrt(), torch.full_like(best, math.nan))
     return {"rarity": rarity, "is_tail": is_tail, "covered": covered, "radius": float(cap_sq.sqrt()),
             "real_radius": r_tail.sqrt()}
