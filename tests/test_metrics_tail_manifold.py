@@ -158,14 +158,16 @@ def _prototypes(feats, labels, n):
 
 @pytest.mark.skipif(not __import__("os").path.exists(FASHION), reason="Fashion-MNIST IDX files not installed")
 @pytest.mark.parametrize("preset", ["fashion_clean_classifier", "fashion_judge"])
-def test_prototypes_score_low_tail_coverage_on_fashion_features(preset, request):
+def test_prototypes_score_low_tail_coverage_on_fashion_features(preset, request, tmp_path_factory):
     """Prototypes (the images nearest their class mean) sit in dense regions: they must cover the tail of a real
     reference much less than a random real subset of the same size does, and have lower rarity."""
     from tailgen.models.presets import PRESETS
 
     if preset not in PRESETS:
         pytest.skip(f"{preset} weights not shipped")
-    pool, labels, ref = _fashion_features(preset, request.config.cache.mkdir("tailgen-features"))
+    cache = getattr(request.config, "cache", None)  # pytest's cache (absent with -p no:cacheprovider)
+    cache_dir = cache.mkdir("tailgen-features") if cache is not None else tmp_path_factory.mktemp("tailgen-features")
+    pool, labels, ref = _fashion_features(preset, cache_dir)
     random_subset = pool[:1000]
     protos = _prototypes(pool, labels, 1000)
     rnd = tail_manifold(ref, random_subset)
