@@ -14,8 +14,12 @@ Names are imported on first use, so ``import tailgen.guidance`` (or any lower la
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("tailgen")
+except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     # sampling (the LightningModule works as a plain nn.Module: no Trainer needed)

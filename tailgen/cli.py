@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+import tailgen
 import tailgen.guidance  # noqa: F401  (registers guidance classes for short class_path names)
 from tailgen.module.progress import SampleProgressBar
 from tailgen.module.writer import SampleWriter
@@ -79,6 +80,11 @@ class TailgenCLI(LightningCLI):
                 for key in ("network", "classifier", "unconditional", "guidances"):
                     model.init_args[key] = None
 
+    def init_parser(self, **kwargs):
+        parser = super().init_parser(**kwargs)
+        parser.add_argument("--version", action="version", version=f"tailgen {tailgen.__version__}")
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:
         # The sample writer is always there on predict; its options are --writer.*.
         parser.add_lightning_class_args(SampleWriter, "writer")
@@ -109,6 +115,13 @@ class TailgenCLI(LightningCLI):
         if subcommand == "predict" and kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
         return kwargs
+
+    def before_predict(self) -> None:
+        # The writer hashes the resolved config into samples.json (resume / refuse another config's folder).
+        config = yaml.safe_load(self._parser("predict").dump(self.config["predict"], skip_none=False))
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SampleWriter):
+                callback.run_config = config
 
 
 def _tailgen_error(exc: BaseException) -> Optional[TailgenError]:

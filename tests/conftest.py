@@ -1,5 +1,6 @@
-"""Shared test paths. CI clones the repository with `shared/` beside it (../shared/fixtures/adm)."""
+"""Shared test paths. The ADM reference fixtures (data produced by guided-diffusion, see their README) live in
+the repository, so a fresh clone tests with nothing beside it."""
 
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/adm"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "adm"

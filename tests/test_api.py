@@ -95,7 +95,7 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_api_example_script_runs(tmp_path):
     """tools/api_example.py end to end with one sample per class and two steps."""
-    subprocess.run([sys.executable, str(ROOT / "tools/api_example.py"), "--per-class", "1", "--steps", "2",
+    subprocess.run([sys.executable, str(ROOT / "tools/api_example.py"), "--per-class", "1", "--steps", "2", "--no-sample-check",
                     "--max-reference", "50", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")],
                    check=True, cwd=tmp_path, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     results = json.loads((tmp_path / "metrics.json").read_text())

@@ -48,7 +48,8 @@ def _data(n, seed):
     return images, labels
 
 
-ALL = ["fid", "sfid", "is", "precision", "recall", "density", "coverage", "kid", "classwise", "tail"]
+ALL = ["fid", "sfid", "is", "precision", "recall", "density", "coverage", "kid", "classwise", "tail", "rarity",
+       "tail_coverage"]
 
 
 def _suite(names=ALL, **kwargs):
@@ -66,13 +67,74 @@ def test_output_names():
     out = suite.compute()
     for name in ("fid", "sfid", "is", "precision", "recall", "density", "coverage", "kid", "kid_std",
                  "classwise/recall_mean", "classwise/fid_mean", "class/2/recall", "class/0/fid",
-                 "tail/accuracy", "tail/confidence", "tail/low_conf_share", "class/1/accuracy"):
+                 "tail/accuracy", "tail/confidence", "tail/low_conf_share", "class/1/accuracy",
+                 "rarity", "rarity_outside", "tail_coverage", "head_coverage", "class/0/rarity",
+                 "class/2/tail_coverage", "classwise/rarity_mean", "classwise/head_coverage_mean"):
         assert name in out and isinstance(out[name], float), name
     assert all(math.isfinite(v) for v in out.values())
     assert set(METRIC_NAMES) == set(ALL)
     only = _suite(["fid", "recall"])
     only.update(images, labels)
     assert set(only.compute()) == {"fid", "recall"}
+    rarity_only = _suite(["rarity"])
+    rarity_only.update(images, labels)
+    assert set(rarity_only.compute()) == {"rarity", "rarity_outside"}
+
+
+def test_tail_metrics_pooled_and_per_class_match_the_functions():
+    from tailgen.metrics.tail_manifold import tail_manifold
+
+    ext = PixelFeatures()
+    real, real_y = _data(150, seed=0)
+    fake, fake_y = _data(120, seed=1)
+    suite = _suite(["rarity", "tail_coverage", "classwise"], tail_fraction=0.3)
+    suite.update(fake, fake_y)
+    out = suite.compute()
+    rf, ff = ext(real)["pool"], ext(fake)["pool"]
+    assert {k: out[k] for k in ("rarity", "tail_coverage", "head_coverage")} == pytest.approx(
+        {k: v for k, v in tail_manifold(rf, ff, 3, 5, 0.3).items() if k != "rarity_outside"})
+    for c in range(NUM_CLASSES):
+        want = tail_manifold(rf[real_y == c], ff[fake_y == c], 3, 5, 0.3)
+        for key in ("rarity", "rarity_outside", "tail_coverage", "head_coverage"):
+            assert out[f"class/{c}/{key}"] == pytest.approx(want[key]), (c, key)
+    assert out["classwise/tail_coverage_mean"] == pytest.approx(
+        sum(out[f"class/{c}/tail_coverage"] for c in range(NUM_CLASSES)) / NUM_CLASSES)
+
+
+def test_multi_space_suite_prefixes_and_matches_single_suites():
+    from tailgen.metrics.suite import MultiSpaceSuite
+
+    class Dimmer(PixelFeatures):  # a second, different feature space
+        def _identity(self):
+            return "pixel-features-dim/v1"
+
+        def _extract(self, x):
+            out = super()._extract(x)
+            return {k: v.square() for k, v in out.items()}
+
+    names = ["fid", "recall", "rarity", "classwise", "tail"]
+    real, real_y = _data(150, seed=0)
+    fake, fake_y = _data(120, seed=1)
+
+    def single(ext):
+        return MetricSuite(names, ext, build_reference(ext, images=real, labels=real_y, cache_dir=None),
+                           num_classes=NUM_CLASSES)
+
+    multi = MultiSpaceSuite({"": single(PixelFeatures()), "judge": single(Dimmer())})
+    multi.update(fake[:50], fake_y[:50])
+    multi.update(fake[50:], fake_y[50:])
+    out = multi.compute()
+    expected = {}
+    for prefix, ext in (("", PixelFeatures()), ("judge/", Dimmer())):
+        s = single(ext)
+        s.update(fake, fake_y)
+        expected.update({prefix + k: v for k, v in s.compute().items()})
+    assert set(out) == set(expected) and "judge/class/1/recall" in out and "fid" in out
+    assert out == pytest.approx(expected, rel=1e-9, nan_ok=True)
+    assert out["judge/fid"] != pytest.approx(out["fid"])
+    multi.reset()
+    with pytest.raises(ConfigError, match="names"):
+        MultiSpaceSuite({"a/b": single(PixelFeatures())})
 
 
 def test_two_batches_equal_one_and_merge():

@@ -65,6 +65,31 @@ def test_evaluates_existing_samples(tmp_path):
     assert values["density"] > 0.5
 
 
+def test_second_feature_space_from_one_pass(tmp_path, capsys):
+    """evaluation.spaces: the same metrics again in another network's features, keys prefixed; here the second
+    space is the same network, so its values must equal the domain ones exactly."""
+    config = eval_config(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    evaluation = cfg["model"]["init_args"]["evaluation"]
+    evaluation["metrics"] = METRICS + ["rarity", "tail_coverage"]
+    evaluation["spaces"] = {"judge": evaluation["feature_network"]}
+    config.write_text(yaml.safe_dump(cfg))
+    ref = np.load(tmp_path / "ref.npz")
+    np.savez(tmp_path / "samples.npz", arr_0=ref["arr_0"][:12], arr_1=ref["arr_1"][:12])
+    main(["test", "--config", str(config), f"--data.init_args.samples={tmp_path / 'samples.npz'}"])
+    values = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("fid", "precision", "coverage", "rarity", "tail_coverage", "head_coverage", "tail/accuracy",
+                 "classwise/coverage_mean", "class/1/recall"):
+        assert name in values and f"judge/{name}" in values, name
+        assert values[f"judge/{name}"] == values[name], name
+    from tailgen.module.evaluation import format_table
+
+    assert "judge/fid" in capsys.readouterr().out
+    table = format_table(values)
+    assert "judge/fid" in table and "judge/class/" not in table and "\nclass/" not in table
+    assert table.index("judge/fid") > table.index("tail/accuracy")  # domain headline first, then the judge's
+
+
 def test_test_without_evaluation_is_a_clear_error(tmp_path, capsys):
     config = write_config(tmp_path)
     with pytest.raises(SystemExit):

@@ -100,3 +100,42 @@ def test_fashion_datamodule_tmp(tmp_path):
     xv, yv = next(iter(dm.val_dataloader()))
     assert xv.shape == (4, 1, 32, 32) and len(dm.val_set) == 5
     assert np.isclose(float(x.min()), -1.0)
+
+
+def test_resnet_judge_trainer_augments_exports_and_registers(tmp_path):
+    """arch="resnet" with flip / crop / erasing: fit a few steps on a tiny IDX folder, export, register the JSON
+    as a preset, build it through NetworkSpec and extract features with ClassifierFeatures."""
+    import json
+
+    from export_weights import export
+
+    from tailgen.metrics.features import ClassifierFeatures
+    from tailgen.models.presets import PRESETS, register_shipped_weights
+    from tailgen.models.resnet import ResNetClassifier
+    from tailgen.models.spec import NetworkSpec
+    from test_data_fashion import _tiny_folder
+
+    torch.manual_seed(0)
+    _tiny_folder(tmp_path, n=16, prefix="train")
+    _tiny_folder(tmp_path, n=8, prefix="t10k")
+    flags = {"in_channels": 1, "num_classes": 10, "widths": [8, 16], "blocks": [1, 1], "image_size": 28}
+    m = ClassifierTrainer(flags, arch="resnet", noised=False, random_flip=True, random_crop=2, random_erasing=0.5,
+                          label_smoothing=0.1, ema_decay=0.9, channels_last=True)
+    assert isinstance(m.net, ResNetClassifier)
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    assert m.augment_batch(x).shape == x.shape and not torch.equal(m.augment_batch(x), x)
+    trainer = _fit(m, FashionMNISTDataModule(root=str(tmp_path), batch_size=8, val_size=8), tmp_path, steps=2)
+    ckpt = tmp_path / "judge.ckpt"
+    trainer.save_checkpoint(ckpt)
+    pt, js = export(ckpt, "judge_test", tmp_path / "w")
+    assert json.loads(js.read_text())["arch"] == "resnet"
+    try:
+        assert register_shipped_weights(tmp_path / "w") == ["judge_test"]
+        net = NetworkSpec("judge_test").build()
+        assert isinstance(net, ResNetClassifier) and not net.training
+        feats = ClassifierFeatures(net, timestep=0)(torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8))
+        assert feats["pool"].shape == (5, 16) and feats["logits"].shape == (5, 10)
+        xs = torch.rand(5, 1, 28, 28) * 2 - 1
+        torch.testing.assert_close(net(xs), m.ema.float().eval()(xs), atol=2e-2, rtol=2e-2)
+    finally:
+        PRESETS.pop("judge_test", None)

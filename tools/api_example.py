@@ -22,6 +22,8 @@ ap.add_argument("--per-class", type=int, default=20, help="samples per class (10
 ap.add_argument("--steps", type=int, default=50, help="DDPM steps (respacing of the 1000-step model)")
 ap.add_argument("--max-reference", type=int, default=2000, help="real test images in the reference")
 ap.add_argument("--out", default="outputs/api_example")
+ap.add_argument("--no-sample-check", action="store_true",
+                help="skip the degenerate-sample check (a smoke test with very few steps saturates images)")
 ap.add_argument("--cache-dir", default="~/.cache/tailgen/features", help="where reference features are cached")
 args = ap.parse_args()
 torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -29,7 +31,7 @@ out = Path(args.out)
 
 # %% The two samplers: same networks, same step count, different guidance
 common = dict(network=NetworkSpec("fashion_diffusion"), classifier=NetworkSpec("fashion_noisy_classifier"),
-              diffusion={"timestep_respacing": str(args.steps)})
+              diffusion={"timestep_respacing": str(args.steps)}, check_samples=not args.no_sample_check)
 models = {
     "unguided": GuidedDiffusion(**common),
     "tail": GuidedDiffusion(**common, guidances={"cg": ClassifierGuidance(scale=1.0),

@@ -26,7 +26,7 @@ from tailgen.guidance import ClassifierGuidance
 from tailgen.models.spec import NetworkSpec
 from tailgen.sampling import sample_ddpm
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/fixtures/adm"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests/fixtures/adm"
 TINY_UNET = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,1,1", attention_resolutions="16,8",
                  num_head_channels=16, learn_sigma=True, class_cond=True, use_scale_shift_norm=True,
                  resblock_updown=True, use_new_attention_order=True, diffusion_steps=1000, noise_schedule="cosine")

@@ -94,12 +94,15 @@ def commands(plan: dict, run: dict, n: int, seed: int, folder: Path, wandb: bool
 
 
 def model_digest(plan: dict) -> dict:
-    """Which diffusion model the numbers come from: the base config's preset and its weights' sha256."""
+    """Which diffusion model the numbers come from: the base config's network (as the CLI resolves it, includes
+    and all) and its weights' sha256."""
     from tailgen.models.spec import NetworkSpec
     from tailgen.utils.io import file_digest
 
-    cfg = yaml.safe_load((ROOT / plan["setting"]["base"]).read_text())
-    network = cfg["model"]["init_args"]["network"]
+    printed = subprocess.run([sys.executable, "-m", "tailgen.cli", "predict", "--config", str(ROOT / plan["setting"]["base"]),
+                              "--print_config"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    network = yaml.safe_load(printed)["model"]["init_args"]["network"]
+    network = network.get("init_args", network)  # class_path + init_args, or the plain mapping
     spec = NetworkSpec(**network)
     path = spec.checkpoint or (spec._preset or {}).get("weights")
     return {"network": network, "weights_sha256": file_digest(path) if path else None}

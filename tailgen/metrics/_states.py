@@ -6,6 +6,8 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from tailgen.utils import DataError
+
 
 def cat_state(state) -> torch.Tensor | None:
     """A ``cat`` state as one tensor, or None when empty."""
@@ -64,6 +66,16 @@ class FeatureSetMetric(GatherSafeMetric):
 
     def set_reference_features(self, features) -> None:
         self._reference = torch.as_tensor(features).detach().float().cpu()
+
+    def feature_sets(self, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(real, fake)`` features on the fake side's device: gathered real features, else the reference.
+        ``what`` names the metric in the error raised when either side is missing."""
+        fake = cat_state(self.fake_features)
+        real = cat_state(self.real_features) if cat_count(self.real_features) else self._reference
+        if fake is None or real is None:
+            raise DataError(f"{what} needs fake features and real ones "
+                            "(set_reference_features(...) or update(x, real=True))")
+        return real.to(fake.device), fake
 
     def update(self, features: torch.Tensor, real: bool = False) -> None:
         (self.real_features if real else self.fake_features).append(features.detach().float().flatten(1))

@@ -25,7 +25,7 @@ import scipy.linalg
 import torch
 from torchmetrics import Metric
 
-from tailgen.metrics._states import FeatureSetMetric, cat_count, cat_state
+from tailgen.metrics._states import FeatureSetMetric
 from tailgen.utils import ConfigError, DataError
 
 __all__ = ["gaussian_stats", "frechet_distance", "frechet_distance_features", "FrechetDistance",
@@ -191,10 +191,7 @@ class KernelDistance(FeatureSetMetric):
         self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        fake = cat_state(self.fake_features)
-        real = cat_state(self.real_features) if cat_count(self.real_features) else self._reference
-        if real is None or fake is None:
-            raise DataError("KID needs fake features and a reference (set_reference_features or real=True)")
+        real, fake = self.feature_sets("KID")
         mean, std = kernel_distance(real, fake, subsets=self.subsets, subset_size=self.subset_size, seed=self.seed)
         return torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
 

@@ -30,10 +30,10 @@ from typing import Sequence
 
 import torch
 
-from tailgen.metrics._states import FeatureSetMetric, cat_count, cat_state
+from tailgen.metrics._states import FeatureSetMetric
 from tailgen.utils import ConfigError, DataError
 
-__all__ = ["prdc", "manifold_masks", "knn_radii", "PrecisionRecallDensityCoverage"]
+__all__ = ["prdc", "manifold_masks", "knn_radii", "prepare_pair", "cross_tiles", "PrecisionRecallDensityCoverage"]
 
 
 def _prepare(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -108,6 +108,27 @@ def knn_radii(x: torch.Tensor, ks: Sequence[int], block_size: int = 4096, square
     return out if squared else out.sqrt()
 
 
+def prepare_pair(real, fake) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and fake features as 2-D tensors of one dtype on the real side's device (checked: finite, same D)."""
+    dtype = _dtype(torch.as_tensor(real), torch.as_tensor(fake))
+    real = _prepare(real, dtype, "real")
+    fake = _prepare(fake, dtype, "fake").to(real.device)
+    if real.shape[1] != fake.shape[1]:
+        raise DataError(f"real and fake features differ in dimension: {real.shape[1]} vs {fake.shape[1]}")
+    return real, fake
+
+
+def cross_tiles(real: torch.Tensor, fake: torch.Tensor, block_size: int):
+    """Yield ``(rows, cols, d)``: slices of real / fake and their squared distances, one (block x block) tile at a
+    time (the N x M matrix is never held)."""
+    r_sq, f_sq = _sq_norms(real), _sq_norms(fake)
+    for r0 in range(0, real.shape[0], block_size):
+        rows = slice(r0, min(r0 + block_size, real.shape[0]))
+        for c0 in range(0, fake.shape[0], block_size):
+            cols = slice(c0, min(c0 + block_size, fake.shape[0]))
+            yield rows, cols, _sq_dist(real[rows], r_sq[rows], fake[cols], f_sq[cols])
+
+
 @torch.no_grad()
 def manifold_masks(real: torch.Tensor, fake: torch.Tensor, k_pr: int = 3, k_dc: int = 5, *,
                    inclusive: bool = True, block_size: int = 4096) -> dict[str, torch.Tensor]:
@@ -117,32 +138,23 @@ def manifold_masks(real: torch.Tensor, fake: torch.Tensor, k_pr: int = 3, k_dc: 
     Y_j; density), ``real_in_fake`` (N, bool; recall), ``real_covered`` (N, bool; coverage).
     """
     block_size = _check_block(block_size)
-    dtype = _dtype(torch.as_tensor(real), torch.as_tensor(fake))
-    real = _prepare(real, dtype, "real")
-    fake = _prepare(fake, dtype, "fake").to(real.device)
-    if real.shape[1] != fake.shape[1]:
-        raise DataError(f"real and fake features differ in dimension: {real.shape[1]} vs {fake.shape[1]}")
+    real, fake = prepare_pair(real, fake)
     inside = torch.le if inclusive else torch.lt
     r_radii = knn_radii(real, [k_pr, k_dc], block_size)
     r_pr, r_dc = r_radii[0], r_radii[1]
     f_pr = knn_radii(fake, [k_pr], block_size)[0]
     n, m = real.shape[0], fake.shape[0]
-    r_sq, f_sq = _sq_norms(real), _sq_norms(fake)
     dev = real.device
     fake_in_real = torch.zeros(m, dtype=torch.bool, device=dev)
     fake_count = torch.zeros(m, dtype=torch.long, device=dev)
     real_in_fake = torch.zeros(n, dtype=torch.bool, device=dev)
     real_covered = torch.zeros(n, dtype=torch.bool, device=dev)
-    for r0 in range(0, n, block_size):
-        r1 = min(r0 + block_size, n)
-        for c0 in range(0, m, block_size):
-            c1 = min(c0 + block_size, m)
-            d = _sq_dist(real[r0:r1], r_sq[r0:r1], fake[c0:c1], f_sq[c0:c1])
-            fake_in_real[c0:c1] |= inside(d, r_pr[r0:r1, None]).any(0)
-            in_dc = inside(d, r_dc[r0:r1, None])
-            fake_count[c0:c1] += in_dc.sum(0)
-            real_covered[r0:r1] |= in_dc.any(1)
-            real_in_fake[r0:r1] |= inside(d, f_pr[None, c0:c1]).any(1)
+    for rows, cols, d in cross_tiles(real, fake, block_size):
+        fake_in_real[cols] |= inside(d, r_pr[rows, None]).any(0)
+        in_dc = inside(d, r_dc[rows, None])
+        fake_count[cols] += in_dc.sum(0)
+        real_covered[rows] |= in_dc.any(1)
+        real_in_fake[rows] |= inside(d, f_pr[None, cols]).any(1)
     return {"fake_in_real": fake_in_real, "fake_count": fake_count,
             "real_in_fake": real_in_fake, "real_covered": real_covered}
 
@@ -179,10 +191,6 @@ class PrecisionRecallDensityCoverage(FeatureSetMetric):
         self.k_pr, self.k_dc, self.inclusive, self.block_size = k_pr, k_dc, inclusive, block_size
 
     def compute(self) -> dict[str, float]:
-        fake = cat_state(self.fake_features)
-        real = cat_state(self.real_features) if cat_count(self.real_features) else self._reference
-        if fake is None or real is None:
-            raise DataError("precision/recall need fake features and real ones "
-                            "(set_reference_features(...) or update(x, real=True))")
-        return prdc(real.to(fake.device), fake, self.k_pr, self.k_dc, inclusive=self.inclusive,
+        real, fake = self.feature_sets("precision/recall")
+        return prdc(real, fake, self.k_pr, self.k_dc, inclusive=self.inclusive,
                     block_size=self.block_size)

@@ -36,11 +36,13 @@ from tailgen.metrics.inception_score import InceptionScore
 from tailgen.metrics.manifold import PrecisionRecallDensityCoverage
 from tailgen.metrics.reference import DEFAULT_CACHE_DIR, Reference, build_reference
 from tailgen.metrics.tail import TailIndicators
+from tailgen.metrics.tail_manifold import TAIL_MANIFOLD_KEYS, TailManifold
 from tailgen.utils import ConfigError, DataError
 
-__all__ = ["MetricSuite", "METRIC_NAMES"]
+__all__ = ["MetricSuite", "MultiSpaceSuite", "METRIC_NAMES"]
 
-METRIC_NAMES = ("fid", "sfid", "is", "precision", "recall", "density", "coverage", "kid", "classwise", "tail")
+METRIC_NAMES = ("fid", "sfid", "is", "precision", "recall", "density", "coverage", "kid", "classwise", "tail",
+                "rarity", "tail_coverage")
 _MANIFOLD = ("precision", "recall", "density", "coverage")
 
 
@@ -57,6 +59,10 @@ class MetricSuite(nn.Module):
         use_npz_stats: use the reference's precomputed (mu, sigma) (ADM's TF statistics) for fid/sfid even when
             reference features exist (without features they are used anyway).
         compute_on_cpu: keep ``cat`` states on the host (torchmetrics option; saves accelerator memory).
+        tail_fraction: share of the least-dense reals forming the tail of ``tail_coverage``.
+
+    ``rarity`` (k = ``k_pr``) and ``tail_coverage`` (k = ``k_dc``) are `TailManifold`; with ``classwise`` they
+    are computed within each class too (``class/<c>/rarity``, ``classwise/tail_coverage_mean``...).
     """
 
     def __init__(self, metrics: Sequence[str], extractor: FeatureExtractor, reference: Reference | None = None, *,
@@ -64,7 +70,8 @@ class MetricSuite(nn.Module):
                  k_dc: int = 5, inclusive: bool = True, block_size: int = 4096, fid_method: str = "eigh",
                  is_splits: int = 10, kid_subsets: int = 100, kid_subset_size: int = 1000,
                  low_conf_threshold: float = 0.5, per_class: bool = True, use_npz_stats: bool = False,
-                 feature_dims: dict[str, int] | None = None, compute_on_cpu: bool = False):
+                 feature_dims: dict[str, int] | None = None, compute_on_cpu: bool = False,
+                 tail_fraction: float = 0.2):
         super().__init__()
         names = [m.lower() for m in metrics]
         unknown = sorted(set(names) - set(METRIC_NAMES))
@@ -106,9 +113,16 @@ class MetricSuite(nn.Module):
             m["kid"] = KernelDistance(subsets=kid_subsets, subset_size=kid_subset_size, **cpu)
             if "pool" in ref.features:
                 m["kid"].set_reference_features(ref.features["pool"])
+        tail_manifold = [n for n in TAIL_MANIFOLD_KEYS if n in self.names]
+        if tail_manifold:
+            m["tail_manifold"] = TailManifold(k_pr, k_dc, tail_fraction, inclusive=inclusive, block_size=block_size,
+                                              **cpu)
+            if "pool" in ref.features:
+                m["tail_manifold"].set_reference_features(ref.features["pool"])
         if "classwise" in self.names:
             m["classwise"] = ClassConditionalMetrics(num_classes, k_pr=k_pr, k_dc=k_dc, per_class=per_class,
-                                                     inclusive=inclusive, block_size=block_size, **cpu)
+                                                     inclusive=inclusive, block_size=block_size,
+                                                     tail=tail_manifold, tail_fraction=tail_fraction, **cpu)
             if "pool" in ref.features and ref.labels is not None:
                 m["classwise"].set_reference(ref.features["pool"], ref.labels)
         if "tail" in self.names:
@@ -125,7 +139,7 @@ class MetricSuite(nn.Module):
 
     def _check_provides(self, num_classes) -> None:
         need = {"fid": "pool", "sfid": "spatial", "is": "logits", "kid": "pool", "classwise": "pool",
-                **{n: "pool" for n in _MANIFOLD}}
+                **{n: "pool" for n in (*_MANIFOLD, *TAIL_MANIFOLD_KEYS)}}
         provides = set(self.extractor.provides)
         for name in self.names:
             if name in need and need[name] not in provides:
@@ -158,7 +172,7 @@ class MetricSuite(nn.Module):
                 metric.update(feats["spatial"])
             elif name == "is":
                 metric.update(feats["logits"])
-            elif name in ("prdc", "kid"):
+            elif name in ("prdc", "kid", "tail_manifold"):
                 metric.update(feats["pool"])
             elif name == "classwise":
                 metric.update(feats["pool"], labels)
@@ -172,7 +186,7 @@ class MetricSuite(nn.Module):
         for name, metric in self.metrics.items():
             if name in ("fid", "sfid"):
                 metric.update(feats["pool" if name == "fid" else "spatial"], real=True)
-            elif name in ("prdc", "kid"):
+            elif name in ("prdc", "kid", "tail_manifold"):
                 metric.update(feats["pool"], real=True)
             elif name == "classwise" and labels is not None:
                 metric.update(feats["pool"], labels, real=True)
@@ -183,6 +197,9 @@ class MetricSuite(nn.Module):
             value = metric.compute()
             if name == "prdc":
                 out.update({k: v for k, v in value.items() if k in self.names})
+            elif name == "tail_manifold":
+                keep = {key for n in self.names for key in TAIL_MANIFOLD_KEYS.get(n, ())}
+                out.update({k: v for k, v in value.items() if k in keep})
             elif name == "kid":
                 out["kid"], out["kid_std"] = float(value[0]), float(value[1])
             elif isinstance(value, dict):
@@ -195,6 +212,44 @@ class MetricSuite(nn.Module):
         for metric in self.metrics.values():
             metric.reset()
 
+
+class MultiSpaceSuite(nn.Module):
+    """The same metrics in several feature spaces from one pass over the samples: ``suites[name]`` is a
+    `MetricSuite` (its own extractor and reference). ``compute()`` merges their results, prefixing the keys of
+    every space but the unnamed one (``""``, the domain space, whose keys stay as `MetricSuite` names them):
+    ``fid, recall, ...`` and ``judge/fid, judge/recall, judge/class/<c>/coverage, ...``."""
+
+    def __init__(self, suites: dict[str, MetricSuite]):
+        super().__init__()
+        if not suites:
+            raise ConfigError("MultiSpaceSuite needs at least one MetricSuite")
+        bad = [name for name in suites if "/" in name or name != name.strip()]
+        if bad:
+            raise ConfigError(f"feature-space names must not contain '/' or spaces: {bad}")
+        self.order = list(suites)
+        self.suites = nn.ModuleDict({(name or "_domain"): suite for name, suite in suites.items()})
+
+    def _items(self):
+        return [(name, self.suites[name or "_domain"]) for name in self.order]
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        images = to_uint8_nchw(images)
+        for _, suite in self._items():
+            suite.update(images, labels)
+
+    def update_real(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        for _, suite in self._items():
+            suite.update_real(images, labels)
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, suite in self._items():
+            out.update({(f"{name}/{k}" if name else k): v for k, v in suite.compute().items()})
+        return out
+
+    def reset(self) -> None:
+        for _, suite in self._items():
+            suite.reset()
 
 def _dims_message(name: str, key: str, feature_dim: int, stats_dim: int) -> str:
     return (f"{name}: the features are {feature_dim}-d ({key}) but the reference's precomputed statistics "

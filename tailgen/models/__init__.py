@@ -1,5 +1,6 @@
-"""Layer 1: networks. ADM UNet / SuperRes / EncoderUNet classifier, builders from guided-diffusion flags,
-presets of the official checkpoints, safe checkpoint loading and the YAML-buildable `NetworkSpec`."""
+"""Layer 1: networks. ADM UNet / SuperRes / EncoderUNet classifier, the ResNet judge, builders from
+guided-diffusion flags, presets of the official checkpoints, safe checkpoint loading and the YAML-buildable
+`NetworkSpec`."""
 
 from tailgen.models.adm import (
     classifier_defaults,
@@ -12,6 +13,7 @@ from tailgen.models.adm import (
 )
 from tailgen.models.checkpoint import extract_state_dict, load_checkpoint, load_into, load_state_dict_file
 from tailgen.models.encoder import EncoderUNetModel
+from tailgen.models.resnet import ResNetClassifier, create_resnet_classifier
 from tailgen.models.presets import PRESETS, build_preset, get_preset, register_preset
 from tailgen.models.spec import NetworkSpec
 from tailgen.models.unet import SuperResModel, UNetModel
@@ -20,6 +22,8 @@ __all__ = [
     "UNetModel",
     "SuperResModel",
     "EncoderUNetModel",
+    "ResNetClassifier",
+    "create_resnet_classifier",
     "create_model",
     "create_classifier",
     "create_superres_model",

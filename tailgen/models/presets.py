@@ -26,14 +26,17 @@ from tailgen.models.adm import (
     model_defaults,
     superres_defaults,
 )
+from tailgen.models.resnet import create_resnet_classifier
 from tailgen.models.toy import ToyClassifier, ToyDenoiser
 from tailgen.utils import ConfigError
 
 OFFICIAL_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 BUILDERS = {"model": create_model, "classifier": create_classifier, "upsampler": create_superres_model,
-            "toy_denoiser": ToyDenoiser, "toy_classifier": ToyClassifier}
+            "toy_denoiser": ToyDenoiser, "toy_classifier": ToyClassifier, "resnet_classifier": create_resnet_classifier}
 _DEFAULTS = {"model": model_defaults, "classifier": classifier_defaults, "upsampler": superres_defaults,
-             "toy_denoiser": dict, "toy_classifier": dict}
+             "toy_denoiser": dict, "toy_classifier": dict, "resnet_classifier": dict}
+_ARCH_KINDS = {("toy_mlp", "model"): "toy_denoiser", ("toy_mlp", "classifier"): "toy_classifier",
+               ("resnet", "classifier"): "resnet_classifier"}  # exported (arch, kind) -> builder kind
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 PRESETS: dict[str, dict] = {}
@@ -160,9 +163,7 @@ def register_shipped_weights(directory: Path = WEIGHTS_DIR) -> list[str]:
     names = []
     for meta_path in sorted(Path(directory).glob("*.json")):
         meta = json.loads(meta_path.read_text())
-        kind = meta["kind"]
-        if meta.get("arch") == "toy_mlp":
-            kind = "toy_denoiser" if kind == "model" else "toy_classifier"
+        kind = _ARCH_KINDS.get((meta.get("arch"), meta["kind"]), meta["kind"])
         sampling = {"num_classes": meta.get("num_classes"), "null_label": meta.get("null_label")}
         register_preset(meta_path.stem, kind, meta["flags"], meta.get("diffusion", {}),
                         file=meta_path.with_suffix(".pt").name, weights=str(meta_path.with_suffix(".pt")),

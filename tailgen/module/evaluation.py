@@ -12,7 +12,7 @@ import numpy as np
 
 from tailgen.metrics.features import ClassifierFeatures
 from tailgen.metrics.reference import DEFAULT_CACHE_DIR
-from tailgen.metrics.suite import MetricSuite
+from tailgen.metrics.suite import MetricSuite, MultiSpaceSuite
 from tailgen.models.spec import NetworkSpec
 from tailgen.utils import ConfigError
 from tailgen.utils.io import atomic_write
@@ -21,7 +21,9 @@ FEATURE_NETWORK_KEY = "model.init_args.evaluation.feature_network"  # as the con
 LABELLED_METRICS = ("classwise", "tail")  # need the samples' requested labels
 DEFAULT_METRICS = ("fid", "precision", "recall", "density", "coverage", "classwise", "tail")
 HEADLINE = ("fid", "sfid", "is", "precision", "recall", "density", "coverage", "kid",
+            "rarity", "rarity_outside", "tail_coverage", "head_coverage",
             "classwise/recall_mean", "classwise/coverage_mean", "classwise/fid_mean",
+            "classwise/rarity_mean", "classwise/tail_coverage_mean",
             "tail/accuracy", "tail/confidence", "tail/low_conf_share")
 
 
@@ -29,7 +31,8 @@ class Evaluation:
     """Metric configuration of ``tailgen test``.
 
     Args:
-        metrics: among fid, sfid, is, precision, recall, density, coverage, kid, classwise, tail.
+        metrics: among fid, sfid, is, precision, recall, density, coverage, kid, classwise, tail, rarity,
+            tail_coverage.
         features: ``classifier`` (penultimate features of ``feature_network``: the domain features used for
             Fashion-MNIST) or ``inception`` (torch-fidelity's FID Inception; ImageNet).
         feature_network: the clean classifier for ``classifier`` features; also judges class accuracy /
@@ -41,18 +44,28 @@ class Evaluation:
         cache_dir: where reference features are cached (keyed by content hash and extractor).
         output: where the metrics JSON is written (relative paths go under the trainer's log dir).
         low_conf_threshold: a sample is "low confidence" when the clean classifier's p(y|x) is below this.
+        spaces: more feature spaces, ``{name: classifier network}``: every metric is computed again in each
+            network's penultimate features (``tail`` with its own logits), from the same samples, against the same
+            reference images (features cached per network); keys are prefixed ``<name>/`` (``judge/fid``...),
+            the ``features`` space keeps unprefixed keys.
+        tail_fraction: share of the least-dense reals forming the tail of ``tail_coverage``.
     """
 
     def __init__(self, metrics: Sequence[str] = DEFAULT_METRICS, features: Literal["classifier", "inception"] = "classifier",
                  feature_network: Optional[NetworkSpec] = None, reference: str = "fashion_mnist:test",
                  max_reference: Optional[int] = None, inception_weights: Optional[str] = None,
                  cache_dir: Optional[str] = str(DEFAULT_CACHE_DIR), output: str = "metrics.json",
-                 low_conf_threshold: float = 0.5):
+                 low_conf_threshold: float = 0.5, spaces: Optional[dict[str, NetworkSpec]] = None,
+                 tail_fraction: float = 0.2):
         if features == "classifier" and feature_network is None:
             raise ConfigError("evaluation.features=classifier needs evaluation.feature_network (a clean classifier)")
         self.metrics, self.features, self.feature_network = list(metrics), features, feature_network
         self.reference, self.max_reference, self.inception_weights = reference, max_reference, inception_weights
         self.cache_dir, self.output, self.low_conf_threshold = cache_dir, output, low_conf_threshold
+        self.spaces, self.tail_fraction = dict(spaces or {}), tail_fraction
+        bad = [name for name in self.spaces if not name or "/" in name]
+        if bad:
+            raise ConfigError(f"evaluation.spaces names must be non-empty and without '/': {bad}")
 
     def reference_source(self) -> dict:
         """``build_reference`` keyword for the configured reference data."""
@@ -71,11 +84,16 @@ class Evaluation:
         raise ConfigError(f"evaluation.reference {self.reference!r}: use fashion_mnist:test, a reference .npz or a folder")
 
     def build_suite(self, num_classes: Optional[int], sample_shape: Optional[tuple] = None,
-                    metrics: Optional[Sequence[str]] = None) -> MetricSuite:
-        """The metric suite with its reference features (cached on disk); ``sample_shape`` (H, W, C) of the
-        samples: a reference of another size is refused before any feature is computed. ``metrics`` overrides
-        the configured list (e.g. without those that need labels). With Inception features, a reference batch's
-        precomputed statistics (ADM's ``mu/sigma``, ``mu_s/sigma_s``) give FID / sFID's reference side."""
+                    metrics: Optional[Sequence[str]] = None) -> MetricSuite | MultiSpaceSuite:
+        """The metric suite with its reference features (cached on disk); a `MultiSpaceSuite` with ``spaces``.
+        ``sample_shape`` (H, W, C) of the samples: a reference of another size is refused before any feature is
+        computed. ``metrics`` overrides the configured list (e.g. without those that need labels). With Inception
+        features, a reference batch's precomputed statistics (ADM's ``mu/sigma``, ``mu_s/sigma_s``) give FID /
+        sFID's reference side."""
+        metrics = list(metrics or self.metrics)
+        source = self.reference_source()
+        options = dict(num_classes=num_classes, cache_dir=self.cache_dir, low_conf_threshold=self.low_conf_threshold,
+                       tail_fraction=self.tail_fraction, sample_shape=sample_shape, **source)
         clean = None
         if self.feature_network is not None:
             clean = ClassifierFeatures(self.feature_network.build(key=FEATURE_NETWORK_KEY), timestep=0,
@@ -86,11 +104,16 @@ class Evaluation:
             extractor = InceptionFeatures(self.inception_weights, spatial="sfid" in self.metrics)
         else:
             extractor = clean
-        return MetricSuite.with_reference(list(metrics or self.metrics), extractor,
-                                          use_npz_stats=self.features == "inception", classifier=clean, num_classes=num_classes,
-                                          cache_dir=self.cache_dir, low_conf_threshold=self.low_conf_threshold,
-                                          sample_shape=sample_shape, **self.reference_source())
-
+        domain = MetricSuite.with_reference(metrics, extractor, classifier=clean,
+                                            use_npz_stats=self.features == "inception", **options)
+        if not self.spaces:
+            return domain
+        suites = {"": domain}
+        for name, spec in self.spaces.items():
+            judge = ClassifierFeatures(spec.build(key=f"model.init_args.evaluation.spaces.{name}"), timestep=0,
+                                       name=spec.preset)
+            suites[name] = MetricSuite.with_reference(metrics, judge, classifier=judge, **options)
+        return MultiSpaceSuite(suites)
 
     def evaluate(self, images, labels=None, *, num_classes: Optional[int] = None, batch_size: int = 250) -> dict[str, float]:
         """Python API: the configured metrics of uint8 N x H x W x C ``images`` (numpy or tensor, e.g. from
@@ -113,9 +136,12 @@ class Evaluation:
 
 
 def format_table(values: dict[str, float]) -> str:
-    """The headline metrics first, then per-class means; per-class entries stay in metrics.json."""
-    rows = [(k, values[k]) for k in HEADLINE if k in values]
-    rows += [(k, v) for k, v in values.items() if k not in HEADLINE and not k.startswith("class/")]
+    """The headline metrics first (each feature space's after the domain ones), then the other pooled and
+    class-mean values; per-class entries (``class/<c>/...``) stay in metrics.json."""
+    prefixes = [""] + sorted({k.split("/", 1)[0] + "/" for k in values if k.partition("/")[2] in HEADLINE})
+    head = [p + h for p in prefixes for h in HEADLINE if p + h in values]
+    rows = [(k, values[k]) for k in head]
+    rows += [(k, v) for k, v in values.items() if k not in head and not (k.startswith("class/") or "/class/" in k)]
     width = max((len(k) for k, _ in rows), default=10)
     return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in rows)
 

@@ -1,22 +1,28 @@
 """What to sample: a dataset of (label, per-sample seed, index) and its DataModule.
 
-Each sample's seed is derived from (base seed, sample index) only, so the sample for index k is the
-same whatever the batch size or the number of devices (EDM's per-seed generation).
+Each sample's seed is derived from (base seed, sample index) only (EDM's per-seed generation). Batches are fixed
+by the run, not by the device count: batch b always holds indices ``[b*B, (b+1)*B)`` (minus samples a resumed run
+already has), and under DDP whole batches are dealt round-robin to the ranks. So a sample is computed in the same
+batch, hence bit-identically, whatever the number of devices, and a resumed run recomputes exactly the batches an
+uninterrupted run would have (see :func:`batch_plan`).
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import re
+from collections.abc import Iterable, Iterator
+
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tailgen.utils import ConfigError
 
-LabelSpec = Union[str, int, list[int]]
+# int before str: `--data.labels 3` on the command line is class 3, not the string "3".
+LabelSpec = Union[int, list[int], str]
 
 
 def sample_seed(base_seed: int, index: int) -> int:
@@ -27,6 +33,8 @@ def sample_seed(base_seed: int, index: int) -> int:
 def sample_labels(spec: LabelSpec, num_samples: int, num_classes: Optional[int], base_seed: int) -> np.ndarray:
     """Labels per sample index: "uniform" (i.i.d., as guided-diffusion), "balanced" (k mod C),
     an int (every sample that class), or a list of classes (cycled)."""
+    if isinstance(spec, str) and re.fullmatch(r"\s*-?\d+\s*", spec):  # labels: "3" in YAML
+        spec = int(spec)
     if isinstance(spec, str):
         if num_classes is None:
             raise ConfigError(f"labels={spec!r} needs num_classes (set data.num_classes or use a class-conditional model)")
@@ -40,12 +48,23 @@ def sample_labels(spec: LabelSpec, num_samples: int, num_classes: Optional[int],
         raise ConfigError("labels is an empty list: give at least one class id")
     if num_classes is not None and (classes.min() < 0 or classes.max() >= num_classes):
         bad = classes[(classes < 0) | (classes >= num_classes)]
-        raise ConfigError(f"label {int(bad[0])} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        raise ConfigError(f"label {int(bad[0])} is out of range: the model has num_classes={num_classes} "
+                          f"(classes 0..{num_classes - 1}); fix data.labels")
     return classes[np.arange(num_samples) % classes.size]
 
 
+def batch_plan(num_samples: int, batch_size: int, skip: Iterable[int] = ()) -> list[np.ndarray]:
+    """The batches of a run: batch b = indices ``[b*batch_size, (b+1)*batch_size)`` without those in ``skip``
+    (already written by an earlier, interrupted run); batches left empty are dropped."""
+    done = np.zeros(num_samples, dtype=bool)
+    skip = np.fromiter(skip, dtype=np.int64)
+    done[skip[(skip >= 0) & (skip < num_samples)]] = True
+    batches = (np.arange(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size))
+    return [b[~done[b]] for b in batches if not done[b].all()]
+
+
 class LabelSeedDataset(Dataset):
-    """Item k -> {"label", "seed", "index"} for k in 0..num_samples-1."""
+    """Item k -> {"label", "seed", "index"} for k in 0..num_samples-1 (k may be an index tensor: a whole batch)."""
 
     def __init__(self, labels: Sequence[int], base_seed: int):
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
@@ -54,12 +73,13 @@ class LabelSeedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, k: int) -> dict:
-        return {"label": self.labels[k], "seed": self.seeds[k], "index": torch.tensor(k)}
+    def __getitem__(self, k) -> dict:
+        return {"label": self.labels[k], "seed": self.seeds[k], "index": torch.as_tensor(k)}
 
 
 class SampleFileDataset(Dataset):
-    """Item k of an existing ``samples.npz`` (guided-diffusion layout) -> {"images" uint8 HWC, "label", "index"}."""
+    """Item k of an existing ``samples.npz`` (guided-diffusion layout) -> {"images" uint8 HWC, "label", "index"}
+    (k may be an index tensor: a whole batch)."""
 
     def __init__(self, path: str):
         from pathlib import Path
@@ -86,8 +106,36 @@ class SampleFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, k: int) -> dict:
-        return {"images": self.images[k], "label": self.labels[k], "index": torch.tensor(k)}
+    def __getitem__(self, k) -> dict:
+        return {"images": self.images[k], "label": self.labels[k], "index": torch.as_tensor(k)}
+
+
+class BatchDataset(Dataset):
+    """Item j = the whole batch ``dataset[batches[j]]`` (loaded with ``batch_size=None``: no re-batching)."""
+
+    def __init__(self, dataset: Dataset, batches: list[np.ndarray]):
+        self.dataset, self.batches = dataset, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int) -> dict:
+        return self.dataset[torch.as_tensor(self.batches[j], dtype=torch.int64)]
+
+
+class RoundRobinSampler(DistributedSampler):
+    """Rank r of W takes items r, r+W, r+2W, ... in order; a rank may get none (N < W is fine for predict).
+    A ``DistributedSampler`` so Lightning keeps it instead of injecting its own."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.items = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class SamplingDataModule(L.LightningDataModule):
@@ -95,22 +143,27 @@ class SamplingDataModule(L.LightningDataModule):
 
     Args:
         num_samples: how many images to generate.
-        labels: "uniform" | "balanced" | a class id | a list of class ids (see ``sample_labels``).
+        labels: a class id | a list of class ids | "uniform" | "balanced" (see ``sample_labels``).
         seed: base seed; sample k uses ``sample_seed(seed, k)``.
-        batch_size: samples per batch (per device).
+        batch_size: samples per batch; batch b is always indices [b*batch_size, (b+1)*batch_size).
         num_classes: defaults to the model's ``num_classes``.
         samples: an existing ``samples.npz`` to evaluate in ``tailgen test`` instead of sampling.
-    Under DDP every sample is generated exactly once (no padding by repetition, also in test).
+    Under DDP every sample is generated exactly once: whole batches go round-robin to the ranks (no padding by
+    repetition; in predict a rank may get no batch). The prediction writer reads :meth:`plan` (labels and seeds
+    of every index, to verify shards) and calls :meth:`skip` with the indices it already has (resume).
     """
 
     def __init__(self, num_samples: int = 64, labels: LabelSpec = "uniform", seed: int = 0, batch_size: int = 16,
                  num_classes: Optional[int] = None, samples: Optional[str] = None):
         super().__init__()
+        # predict with fewer batches than processes leaves some ranks without one; the writer syncs in teardown
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         if num_samples < 1 or batch_size < 1:
             raise ConfigError(f"num_samples and batch_size must be >= 1 (got {num_samples}, {batch_size})")
         self.num_samples, self.labels, self.seed, self.batch_size = num_samples, labels, seed, batch_size
         self.num_classes, self.samples = num_classes, samples
         self.dataset: Optional[Dataset] = None
+        self.skipped: np.ndarray = np.zeros(0, dtype=np.int64)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.samples is not None:
@@ -122,17 +175,36 @@ class SamplingDataModule(L.LightningDataModule):
         labels = sample_labels(self.labels, self.num_samples, num_classes, self.seed)
         self.dataset = LabelSeedDataset(labels, self.seed)
 
-    def _loader(self) -> DataLoader:
+    def plan(self) -> dict[str, np.ndarray]:
+        """Labels and seeds of every sample index 0..N-1 (what a shard of this run must contain)."""
         if self.dataset is None:
             self.setup()
+        if not isinstance(self.dataset, LabelSeedDataset):
+            raise ConfigError("data.samples is set: tailgen predict samples new images; drop data.samples")
+        return {"labels": self.dataset.labels.numpy(), "seeds": self.dataset.seeds.numpy()}
+
+    def skip(self, indices: Iterable[int]) -> None:
+        """Leave these sample indices out of the predict batches (an earlier run already wrote them)."""
+        self.skipped = np.fromiter(indices, dtype=np.int64)
+
+    def _loader(self, stage: str) -> DataLoader:
+        if self.dataset is None:
+            self.setup()
+        skip = self.skipped if stage == "predict" else ()
+        batches = BatchDataset(self.dataset, batch_plan(len(self.dataset), self.batch_size, skip))
         sampler = None
         if self.trainer is not None and self.trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(self.dataset, num_replicas=self.trainer.world_size,
-                                                   rank=self.trainer.global_rank, shuffle=False)
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler)
+            world = self.trainer.world_size
+            if stage == "test" and len(batches) < world:
+                # metrics are synchronised at epoch end: a rank without a batch would never reach that point
+                raise ConfigError(f"tailgen test with {world} processes needs at least {world} batches, got "
+                                  f"{len(batches)} (num_samples={len(self.dataset)}, batch_size={self.batch_size}): "
+                                  "lower data.batch_size or trainer.devices")
+            sampler = RoundRobinSampler(batches, num_replicas=world, rank=self.trainer.global_rank)
+        return DataLoader(batches, batch_size=None, shuffle=False, sampler=sampler)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader()
+        return self._loader("predict")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader()
+        return self._loader("test")

@@ -31,14 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tailgen.data import augment
 from tailgen.diffusion.process import DiffusionProcess
 from tailgen.utils.errors import ConfigError
 
-ARCHS = ("adm", "toy_mlp")
+ARCHS = ("adm", "toy_mlp", "resnet")
 
 
 def build_network(kind: str, arch: str, flags: dict) -> nn.Module:
-    """``kind`` "model" | "classifier"; ``arch`` "adm" (guided-diffusion flags) | "toy_mlp" (toy MLP kwargs)."""
+    """``kind`` "model" | "classifier"; ``arch`` "adm" (guided-diffusion flags) | "toy_mlp" (toy MLP kwargs) |
+    "resnet" (:class:`~tailgen.models.resnet.ResNetClassifier` kwargs; classifiers only)."""
+    if arch == "resnet" and kind == "classifier":
+        from tailgen.models.resnet import create_resnet_classifier
+
+        return create_resnet_classifier(**flags)
     if arch == "adm":
         from tailgen.models import adm
 
@@ -209,19 +215,24 @@ class ClassifierTrainer(_EMATrainer):
         small_t: validation "small t" range, t ~ U{0..small_t-1}.
         val_t: fixed t values at which validation accuracy is reported (noised only).
         random_flip: horizontal flip augmentation (images only).
+        random_crop: pad by this many background pixels and crop back at a random offset (0: off).
+        random_erasing: probability of erasing one random rectangle per image (Zhong et al. 2020; 0: off).
+        label_smoothing: cross-entropy label smoothing.
         lr, weight_decay, warmup_steps, lr_schedule, ema_decay, num_threads, channels_last, init_from: as
             :class:`DiffusionTrainer`.
     """
 
     def __init__(self, network: dict, diffusion: dict | None = None, arch: str = "adm", noised: bool = True,
                  t_max: int | None = None, small_t: int = 100, val_t: list[int] | None = None,
-                 random_flip: bool = False, lr: float = 3e-4, weight_decay: float = 0.05, warmup_steps: int = 100,
+                 random_flip: bool = False, random_crop: int = 0, random_erasing: float = 0.0,
+                 label_smoothing: float = 0.0, lr: float = 3e-4, weight_decay: float = 0.05, warmup_steps: int = 100,
                  ema_decay: float = 0.0, num_threads: int | None = None, channels_last: bool = False,
                  lr_schedule: str = "constant", init_from: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.process = DiffusionProcess.from_flags(**(diffusion or {}))
         self.arch, self.noised, self.random_flip = arch, noised, random_flip
+        self.random_crop, self.random_erasing, self.label_smoothing = random_crop, random_erasing, label_smoothing
         self.t_max = min(t_max or self.process.num_steps, self.process.num_steps)
         self.small_t = small_t
         self.val_t = list(val_t) if val_t is not None else ([0, 100, 250, 500, 750] if noised else [0])
@@ -233,18 +244,28 @@ class ClassifierTrainer(_EMATrainer):
         x = x0 if noise is None else self.process.q_sample(x0, t, noise)
         return net(_spatial(x, self.channels_last), t).float()
 
+    def augment_batch(self, x0: torch.Tensor) -> torch.Tensor:
+        """Training augmentations of image batches (flip, crop, erasing as configured); other data unchanged."""
+        if x0.dim() != 4:
+            return x0
+        if self.random_flip:
+            x0 = augment.random_flip(x0)
+        if self.random_crop:
+            x0 = augment.random_crop(x0, self.random_crop)
+        if self.random_erasing:
+            x0 = augment.random_erasing(x0, self.random_erasing)
+        return x0
+
     def training_step(self, batch, batch_idx):
         x0, y = batch
-        if self.random_flip and x0.dim() == 4:
-            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        x0 = self.augment_batch(x0)
         b = x0.shape[0]
         if self.noised:
             t = torch.randint(0, self.t_max, (b,), device=x0.device)
             logits = self._logits(self.net, x0, t, torch.randn_like(x0))
         else:
             logits = self._logits(self.net, x0, torch.zeros(b, dtype=torch.long, device=x0.device), None)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
         return loss

@@ -1,44 +1,83 @@
-"""Writes predicted samples: atomic per-batch shards, then one ``samples.npz`` and a ``grid.png``.
+"""Writes predicted samples: one verified shard per batch, then ``samples.npz`` + ``samples.json`` + ``grid.png``.
 
-``samples.npz`` follows guided-diffusion's format (``arr_0`` uint8 N×H×W×C, ``arr_1`` int64 labels) so
-ADM's evaluator reads it; ``seeds`` and ``indices`` are stored beside them. Shards of an interrupted run
-are never deleted: a new run moves them aside to ``shards.old-<time>``.
+``samples.npz`` follows guided-diffusion's format (``arr_0`` uint8 N×H×W×C, ``arr_1`` int64 labels) so ADM's
+evaluator reads it; ``seeds`` and ``indices`` are stored beside them. Rerunning the same command resumes: every
+finished shard that verifies (:mod:`tailgen.module.shards`) is reused and only the missing batches are sampled.
+
+The config hash identifies what the samples are, not how they were computed. It covers the resolved model config
+(network preset / flags, classifier, unconditional model, diffusion flags, sampler, eta, clip_denoised, guidances
+and their arguments, num_classes; checkpoint *paths* are replaced by the weights' content), the SHA-256 of every
+weight the module holds, ``trainer.precision``, and the labels and seeds of all N samples (so num_samples, labels,
+seed and num_classes). Left out: batch size, device count and strategy (a sample's batch is fixed by the run's
+batch plan, see ``sampling_data``), accelerator, progress bars, ``evaluation`` and the output folder.
 """
 
 from __future__ import annotations
 
-import time
+import datetime
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+import tailgen
+from tailgen.module import shards
+from tailgen.utils import ConfigError, SamplingError, TailgenError
 from tailgen.utils.images import class_grid, save_png
-from tailgen.utils.io import atomic_write
+from tailgen.utils.io import array_digest, file_digest
 
-ARRAYS = ("images", "labels", "seeds", "indices")
-
-
-def load_shards(shard_dir: Path) -> dict[str, np.ndarray]:
-    """Concatenate every shard in ``shard_dir``, ordered by sample index; duplicates are an error."""
-    parts = [dict(np.load(p)) for p in sorted(shard_dir.glob("*.npz"))]
-    if not parts:
-        return {k: np.zeros((0,)) for k in ARRAYS}
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in ARRAYS}
-    order = np.argsort(merged["indices"], kind="stable")
-    merged = {k: v[order] for k, v in merged.items()}
-    if len(np.unique(merged["indices"])) != len(merged["indices"]):
-        raise RuntimeError(f"duplicate sample indices in {shard_dir}: remove stale shards and run again")
-    return merged
+_NOT_SAMPLING = ("progress", "evaluation")
+# Batches come whole from the datamodule (batch_size=None); the writer reads indices from the batch itself.
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched")
+# A finished folder leaves nothing to sample; the writer says so in one line.
+warnings.filterwarnings("ignore", message="Total length of `DataLoader` across ranks is zero")  # model init_args that do not change a sample
 
 
-def write_samples_npz(path: Path, samples: dict[str, np.ndarray]) -> Path:
-    """guided-diffusion layout: arr_0 = images (uint8 NHWC), arr_1 = labels (int64)."""
-    return atomic_write(path, lambda tmp: np.savez(
-        tmp.open("wb"), arr_0=samples["images"], arr_1=samples["labels"].astype(np.int64),
-        seeds=samples["seeds"], indices=samples["indices"]))
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every tensor in ``module.state_dict()`` (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _drop_checkpoint_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_checkpoint_paths(v) for k, v in value.items() if k != "checkpoint"}
+    if isinstance(value, list):
+        return [_drop_checkpoint_paths(v) for v in value]
+    return value
+
+
+def model_config(pl_module: L.LightningModule, run_config: Optional[dict]) -> dict:
+    """The sampling-relevant model config: the CLI's resolved ``model`` section, or (outside the CLI) the
+    module's hyperparameters and guidances."""
+    if run_config is not None and "model" in run_config:
+        model = json.loads(json.dumps(run_config["model"], default=str))
+        model.get("init_args", {}).pop("progress", None)
+        model.get("init_args", {}).pop("evaluation", None)
+        return _drop_checkpoint_paths(model)
+    hparams = {k: v for k, v in dict(getattr(pl_module, "hparams", {})).items() if k not in _NOT_SAMPLING}
+    guidances = {name: [type(g).__qualname__, vars(g)] for name, g in getattr(pl_module, "guidances", {}).items()}
+    described = {"class": type(pl_module).__qualname__, "hparams": hparams, "guidances": guidances}
+    return json.loads(json.dumps(described, default=repr, sort_keys=True))
+
+
+def sample_shape(pl_module: L.LightningModule) -> Optional[tuple]:
+    """One sample as the writer stores it (H, W, C), from the module's ``image_shape`` (C, H, W) if it has one."""
+    shape = tuple(getattr(pl_module, "image_shape", ()) or ())
+    return (*shape[1:], shape[0]) if len(shape) == 3 else None
 
 
 def class_sorted_grid(images: np.ndarray, labels: np.ndarray, max_images: int = 100,
@@ -49,53 +88,142 @@ def class_sorted_grid(images: np.ndarray, labels: np.ndarray, max_images: int = 
 
 
 class SampleWriter(BasePredictionWriter):
-    """Prediction writer (``--writer.output_dir DIR``).
+    """Prediction writer (``--writer.output_dir DIR``); a rerun of the same command resumes.
 
     Args:
-        output_dir: where ``shards/``, ``samples.npz`` and ``grid.png`` go.
+        output_dir: where ``shards/``, ``samples.npz``, ``samples.json`` and ``grid.png`` go.
         grid_size: how many samples the grid shows.
+        overwrite: replace samples or shards of another configuration found in ``output_dir`` (otherwise
+            such a folder is refused before sampling starts).
     """
 
-    def __init__(self, output_dir: str = "outputs/samples", grid_size: int = 100):
+    def __init__(self, output_dir: str = "outputs/samples", grid_size: int = 100, overwrite: bool = False):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.grid_size = grid_size
+        self.overwrite = overwrite
+        self.run_config: Optional[dict] = None  # the CLI's resolved config (set by `tailgen predict`)
+        self._run: Optional[dict] = None
 
     @property
     def shard_dir(self) -> Path:
         return self.output_dir / "shards"
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and self.shard_dir.exists() and any(self.shard_dir.iterdir()):
-            self.shard_dir.rename(self.output_dir / time.strftime("shards.old-%Y%m%d-%H%M%S"))
-        trainer.strategy.barrier()
+    # ------------------------------------------------------------------------------------------------ start
+
+    def identity(self, trainer: L.Trainer, pl_module: L.LightningModule, plan: dict[str, np.ndarray]) -> dict:
+        """What the config hash covers (see the module docstring)."""
+        return {"format": 1, "model": model_config(pl_module, self.run_config), "weights": weights_digest(pl_module),
+                "precision": str(trainer.precision), "num_samples": len(plan["labels"]),
+                "labels_and_seeds": array_digest(plan["labels"], plan["seeds"])}
+
+    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, plan: dict[str, np.ndarray]) -> dict:
+        """Rank 0: check the folder, claim it for this config, find the verified shards. Nothing is sampled yet."""
+        shards.check_writable(self.output_dir)
+        identity = self.identity(trainer, pl_module, plan)
+        config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        if self.overwrite:
+            shards.clear_outputs(self.output_dir)
+        shards.refuse_foreign(self.output_dir, config_hash)
+        n = len(plan["labels"])
+        if shards.finished(self.output_dir, config_hash):
+            shutil.rmtree(self.shard_dir, ignore_errors=True)  # left if the last run stopped right after samples.json
+            return {"hash": config_hash, "identity": identity, "done": np.arange(n), "finished": True}
+        for name in (shards.SAMPLES, shards.PROVENANCE, shards.GRID):  # stale output of this config: redone below
+            (self.output_dir / name).unlink(missing_ok=True)
         self.shard_dir.mkdir(parents=True, exist_ok=True)
+        shards.write_json(self.shard_dir / shards.RUN_FILE, {"config_hash": config_hash, "identity": identity})
+        done, notes = shards.scan_shards(self.shard_dir, config_hash, plan, sample_shape(pl_module))
+        for note in notes:
+            print(f"tailgen: dropped shard {note}; its samples are sampled again", file=sys.stderr)
+        if len(done["indices"]):
+            print(f"resuming: {len(done['indices'])} of {n} samples already in {self.shard_dir}; "
+                  f"sampling the other {n - len(done['indices'])}")
+        return {"hash": config_hash, "identity": identity, "done": done["indices"], "finished": False}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        datamodule = trainer.datamodule
+        if not (hasattr(datamodule, "plan") and hasattr(datamodule, "skip")):
+            raise ConfigError("SampleWriter needs a datamodule with plan() and skip(), e.g. "
+                              "tailgen.module.sampling_data.SamplingDataModule")
+        plan = datamodule.plan()
+        result: dict = {}
+        if trainer.is_global_zero:
+            try:
+                result = self._prepare(trainer, pl_module, plan)
+            except Exception as exc:  # every rank must stop (a rank waiting in broadcast would hang)
+                error = exc if isinstance(exc, TailgenError) else SamplingError(f"rank 0 failed: {exc!r}")
+                trainer.strategy.broadcast({"error": error}, src=0)
+                raise
+        result = trainer.strategy.broadcast(result, src=0)
+        if "error" in result:
+            raise result["error"]
+        self._run = {**result, "plan": plan}
+        datamodule.skip(result["done"])
+
+    # ------------------------------------------------------------------------------------------------ batches
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Optional[Any], batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        arrays = {k: prediction[k].cpu().numpy() for k in ARRAYS}
-        name = f"rank{trainer.global_rank:03d}_batch{batch_idx:06d}.npz"
-        atomic_write(self.shard_dir / name, lambda tmp: np.savez(tmp.open("wb"), **arrays))
+        arrays = {k: prediction[k].cpu().numpy() for k in shards.ARRAYS}
+        shards.write_shard(self.shard_dir, arrays, self._run["hash"])
 
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    # ------------------------------------------------------------------------------------------------ end
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Runs on every rank, also on ranks that got no batch (Lightning skips their predict loop)."""
+        if stage != "predict" or self._run is None:
+            return
+        run, self._run = self._run, None
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
             return
-        samples = load_shards(self.shard_dir)
-        write_samples_npz(self.output_dir / "samples.npz", samples)
+        n = len(run["plan"]["labels"])
+        if run["finished"]:
+            print(f"nothing to do: {self.output_dir / shards.SAMPLES} already holds these {n} samples "
+                  f"(config {shards.short(run['hash'])}, see {shards.PROVENANCE})")
+            return
+        samples, notes = shards.scan_shards(self.shard_dir, run["hash"], run["plan"], sample_shape(pl_module),
+                                            remove_bad=False)
+        if len(samples["indices"]) != n or notes:
+            missing = np.setdiff1d(np.arange(n), samples["indices"])
+            raise SamplingError(f"{self.shard_dir} holds {len(samples['indices'])} of {n} verified samples "
+                                f"(missing e.g. {missing[:5].tolist()}; {'; '.join(notes[:3])}): run the same command "
+                                "again to sample the rest")
+        path = shards.write_samples_npz(self.output_dir / shards.SAMPLES, samples)
+        shards.write_json(self.output_dir / shards.PROVENANCE, self.provenance(trainer, run, path))
         grid = class_sorted_grid(samples["images"], samples["labels"], self.grid_size,
                                  getattr(pl_module, "class_names", None))
-        save_png(grid, self.output_dir / "grid.png")
+        save_png(grid, self.output_dir / shards.GRID)
+        shutil.rmtree(self.shard_dir)  # everything is in samples.npz now
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_image"):
-            logger.log_image("samples/grid", [grid], caption=[f"{len(samples['labels'])} samples"])
-        print(f"wrote {len(samples['labels'])} samples to {self.output_dir / 'samples.npz'} and {self.output_dir / 'grid.png'}")
+            logger.log_image("samples/grid", [grid], caption=[f"{n} samples"])
+        print(f"wrote {n} samples to {path} (+ {shards.PROVENANCE}, config {shards.short(run['hash'])}) "
+              f"and {self.output_dir / shards.GRID}")
+
+    def provenance(self, trainer: L.Trainer, run: dict, samples_path: Path) -> dict:
+        """samples.json: what made samples.npz, enough to reproduce or to refuse mixing it with another run."""
+        datamodule = trainer.datamodule
+        plan = run["plan"]
+        return {
+            "config_hash": run["hash"],
+            "num_samples": len(plan["labels"]),
+            "indices": [0, len(plan["labels"]) - 1],
+            "base_seed": getattr(datamodule, "seed", None),
+            "labels": getattr(datamodule, "labels", None),
+            "seeds": "per sample in samples.npz['seeds'] (sample_seed(base_seed, index))",
+            "samples_sha256": file_digest(samples_path),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"tailgen": tailgen.__version__, "torch": torch.__version__, "lightning": L.__version__,
+                         "numpy": np.__version__, "python": platform.python_version()},
+            "hashed": run["identity"],
+            "resolved_config": self.run_config,
+            "ran_with": {"batch_size": getattr(datamodule, "batch_size", None), "world_size": trainer.world_size,
+                         "accelerator": type(trainer.accelerator).__name__},
+        }
 
 
-def merge_only(output_dir: str) -> Path:
-    """Rebuild samples.npz from the shards of an interrupted run (nothing already written is lost)."""
-    out = Path(output_dir)
-    return write_samples_npz(out / "samples.npz", load_shards(out / "shards"))
-
-
-__all__ = ["SampleWriter", "load_shards", "write_samples_npz", "merge_only"]
+__all__ = ["SampleWriter", "class_sorted_grid", "weights_digest", "model_config"]
