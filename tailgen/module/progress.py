@@ -21,11 +21,22 @@ from tqdm.auto import tqdm
 
 
 def _num_samples(dataloaders: Any) -> Optional[int]:
+    """Samples this rank's loaders will produce: items are whole batches (``BatchDataset``), dealt to ranks by
+    the loader's sampler (``RoundRobinSampler.items``); other datasets count one sample per item."""
     loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+    total = 0
     try:
-        return sum(len(loader.dataset) for loader in loaders)
+        for loader in loaders:
+            dataset = loader.dataset
+            batches = getattr(dataset, "batches", None)
+            if batches is None:
+                total += len(dataset)
+                continue
+            items = getattr(loader.sampler, "items", range(len(batches)))
+            total += sum(len(batches[j]) for j in items)
     except (TypeError, AttributeError):
         return None
+    return total
 
 
 class SampleProgressBar(ProgressBar):
