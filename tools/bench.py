@@ -37,6 +37,7 @@ from tailgen.models import adm
 from tailgen.models.spec import NetworkSpec
 from tailgen.models.speed import hardware_report, time_first_call
 from tailgen.module.guided import GuidedDiffusion
+from tailgen.utils.io import atomic_write
 
 CASES = {
     "fashion": dict(network=dict(preset="fashion_diffusion"), classifier=dict(preset="fashion_noisy_classifier")),
@@ -220,10 +221,7 @@ def main(argv=None) -> dict:
               "hardware": hardware_report(), "rows": rows}
     print(markdown(rows, settings))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.json)  # a failed run leaves no complete-looking file
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))  # all or nothing
         print(f"numbers written to {args.json}")
     return result
 
