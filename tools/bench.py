@@ -104,7 +104,8 @@ def bare_loop(module: GuidedDiffusion, shape, labels, steps: int, guided: bool):
             if guided:
                 with torch.enable_grad():
                     x_in = x.detach().requires_grad_(True)
-                    log_p = torch.log_softmax(classifier(x_in, i).float(), -1)[torch.arange(len(labels)), labels]
+                    log_p = torch.log_softmax(classifier(x_in, i).float(), -1)[torch.arange(len(labels), device=x.device),
+                                                                              labels]
                     torch.autograd.grad(log_p.sum(), x_in)
     return run
 
@@ -153,7 +154,8 @@ def bench_case(case: str, guided: bool, batch: int, steps: int, args, ref_unet, 
         for name, run in runs.items():
             times[name].append(timed(run, sync) / batch)
     med = {name: statistics.median(values) for name, values in times.items()}
-    return {"case": case, "guided": guided, "batch": batch, "steps": steps, "repeats": args.repeats,
+    compile_s = first["tailgen"] - med["tailgen"] * batch if args.compile else None  # first call minus a plain one
+    return {"case": case, "compile_s_estimate": compile_s, "guided": guided, "batch": batch, "steps": steps, "repeats": args.repeats,
             "unet_max_abs_diff_vs_reference": same, "first_call_s": first, "per_image_s": times, "median_per_image_s": med,
             "speedup_vs_reference": med["reference"] / med["tailgen"], "overhead_vs_bare": med["tailgen"] / med["bare"]}
 
