@@ -1,10 +1,10 @@
-"""Layer 3: guidance plug-ins. Each guidance lives in a file of its own; ``base`` holds the contract."""
+"""Layer 3: guidance plug-ins. Each guidance lives in a file of its own; ``base`` holds the contract and
+``stack`` composes guidances around a sampler step."""
 
 from tailgen.guidance.base import (
     ClassifierEval,
     GradientGuidance,
     Guidance,
-    GuidanceStack,
     GuidedPrediction,
     StepContext,
     denoised_gradient,
@@ -19,6 +19,7 @@ from tailgen.guidance.langevin_pull import LangevinPull
 from tailgen.guidance.hardness import SehwagHardnessGuidance
 from tailgen.guidance.low_density import LowDensityGuidance
 from tailgen.guidance.predicted_image import PredictedImageGradient, PredictedImagePull
+from tailgen.guidance.stack import GuidanceStack
 from tailgen.guidance.self_guided_minority import SelfGuidedMinorityGuidance
 
 __all__ = [

@@ -1,8 +1,9 @@
 """Self-attention of the ADM UNet and the attention-pool head of its classifier.
 
 The reference scales q and k each by ch^(-1/4) and takes a float32 softmax of q^T k; that equals scaled
-dot-product attention with scale 1/sqrt(ch): `F.scaled_dot_product_attention` on accelerators, the explicit
-matmul form on CPU (faster there for these sizes).
+dot-product attention with scale 1/sqrt(ch). Each attention module has ``use_sdpa``: None ("auto", the default)
+takes `F.scaled_dot_product_attention` on accelerators and the explicit matmul form on CPU; True / False force
+one form (``models/speed.set_attention``, the ``attention: matmul | sdpa | auto`` option).
 Two channel layouts of the fused qkv tensor (B, 3 * heads * ch, T) exist and must be kept exact:
 
 * legacy (`QKVAttentionLegacy`): heads first, then q/k/v inside each head -> view (B, heads, 3, ch, T);
@@ -80,6 +81,7 @@ class AttentionBlock(nn.Module):
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+        self.use_sdpa: bool | None = None  # None: SDPA off-CPU, explicit matmul on CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return maybe_checkpoint(self._forward, (x,), self.use_checkpoint)
@@ -88,7 +90,8 @@ class AttentionBlock(nn.Module):
         batch, channels, *spatial = x.shape
         x = x.reshape(batch, channels, -1)
         qkv = self.qkv(self.norm(x))
-        h = self.proj_out(qkv_attention(qkv, self.num_heads, self.use_new_attention_order))
+        h = self.proj_out(qkv_attention(qkv, self.num_heads, self.use_new_attention_order,
+                                                 use_sdpa=self.use_sdpa))
         return (x + h).reshape(batch, channels, *spatial)
 
 
@@ -106,6 +109,7 @@ class AttentionPool2d(nn.Module):
         self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
         self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
         self.num_heads = resolve_num_heads(embed_dim, 1, num_heads_channels)
+        self.use_sdpa: bool | None = None  # None: SDPA off-CPU, explicit matmul on CPU
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Attention output of the mean token before `c_proj`: (B, embed_dim)."""
@@ -120,7 +124,7 @@ class AttentionPool2d(nn.Module):
         tokens = torch.cat([tokens.mean(dim=-1, keepdim=True), tokens], dim=-1)
         tokens = tokens + self.positional_embedding[None].to(tokens.dtype)
         qkv = self.qkv_proj(tokens)
-        return qkv_attention(qkv, self.num_heads, new_order=True, num_queries=1)[:, :, 0]
+        return qkv_attention(qkv, self.num_heads, new_order=True, num_queries=1, use_sdpa=self.use_sdpa)[:, :, 0]
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """Apply the 1x1 `c_proj` to pooled features (B, C) -> (B, output_dim)."""

@@ -21,6 +21,7 @@ from tailgen.diffusion.noise import NoiseSource, SeededNoise
 from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.models.spec import NetworkSpec
+from tailgen.models.speed import fast_network, prepare_network, resolve_autocast
 from tailgen.module.evaluation import LABELLED_METRICS, Evaluation, as_floats, format_table, write_report
 from tailgen.module.sampling_data import sample_seed
 from tailgen.sampling import SAMPLERS
@@ -53,6 +54,15 @@ class GuidedDiffusion(L.LightningModule):
         progress: show a progress bar over sampler steps.
         check_samples: refuse degenerate batches (saturated or constant images; ``sampling/sanity.py``), naming
             the guidance whose term dominated and the step. Non-finite values are always refused.
+        autocast: run the networks under ``torch.autocast`` in ``bf16`` / ``fp16`` (outputs and all sampler
+            arithmetic stay float32); ``auto``: bf16 where the hardware has fast bf16 (AMX / AVX512-BF16 on CPU),
+            else float32; null: float32. Works in the Python API and beside Lightning's ``precision``.
+        autocast_classifier: also run the noisy classifier under ``autocast`` (its log-softmax and the gradient
+            w.r.t. x_t stay float32 either way); default False: the classifier gradient is computed in float32.
+        channels_last: NHWC network weights (faster convolutions on CPU with oneDNN and on GPU).
+        attention: ``matmul`` (explicit float32 softmax), ``sdpa`` (``F.scaled_dot_product_attention``) or
+            ``auto`` (SDPA off-CPU, matmul on CPU).
+        compile: ``torch.compile`` the UNet(s) and classifier (the first batch pays the compile time).
     """
 
     def __init__(
@@ -69,6 +79,11 @@ class GuidedDiffusion(L.LightningModule):
         evaluation: Optional[Evaluation] = None,
         progress: bool = True,
         check_samples: bool = True,
+        autocast: Optional[Literal["auto", "bf16", "fp16"]] = None,
+        autocast_classifier: bool = False,
+        channels_last: bool = False,
+        attention: Literal["auto", "matmul", "sdpa"] = "auto",
+        compile: bool = False,
     ):
         super().__init__()
         if sampler not in SAMPLERS:
@@ -98,6 +113,22 @@ class GuidedDiffusion(L.LightningModule):
         self.stack.validate(sampler=sampler, has_classifier=self.classifier_net is not None,
                             has_uncond=self.uncond_net is not None)
         self.freeze()
+        resolve_autocast(autocast, "cpu")  # a bad value fails here, not at the first batch
+        for net in (self.net, self.classifier_net, self.uncond_net):
+            if net is not None:
+                prepare_network(net, channels_last=channels_last, attention=attention)
+        self.autocast, self.autocast_classifier, self.compile_networks = autocast, autocast_classifier, compile
+        self._fast: dict = {}  # (role, device type) -> the network's call with autocast / compile (not submodules)
+
+    def _fast_call(self, role: str, net):
+        """``net`` as called while sampling: under the autocast dtype of this device, compiled if asked."""
+        key = (role, self.device.type)
+        if key not in self._fast:
+            dtype = resolve_autocast(self.autocast, self.device)
+            if role == "classifier" and not self.autocast_classifier:
+                dtype = None
+            self._fast[key] = fast_network(net, autocast=dtype, compile=self.compile_networks)
+        return self._fast[key]
 
     def _build_networks(self, network: NetworkSpec, classifier: Optional[NetworkSpec],
                         unconditional: Optional[NetworkSpec], diffusion: Optional[dict], num_classes: Optional[int]):
@@ -136,16 +167,18 @@ class GuidedDiffusion(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ adapters
 
     def _denoiser(self) -> ADMDenoiser:
-        return ADMDenoiser(self.net, self.process)
+        return ADMDenoiser(self._fast_call("network", self.net), self.process)
 
     def _uncond(self) -> Optional[Callable]:
         if self.uncond_net is None:
             return None
-        uncond = ADMDenoiser(self.uncond_net, self.process)
+        uncond = ADMDenoiser(self._fast_call("unconditional", self.uncond_net), self.process)
         return lambda x, i: uncond(x, i)
 
     def _classifier(self) -> Optional[NoisyClassifier]:
-        return NoisyClassifier(self.classifier_net, self.process) if self.classifier_net is not None else None
+        if self.classifier_net is None:
+            return None
+        return NoisyClassifier(self._fast_call("classifier", self.classifier_net), self.process)
 
     # ------------------------------------------------------------------------------------------------ sampling
 

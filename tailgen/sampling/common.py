@@ -9,7 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tailgen.diffusion.noise import NoiseSource, TorchNoise
-from tailgen.guidance.base import Guidance, GuidanceStack, StepContext
+from tailgen.guidance.base import Guidance, StepContext
+from tailgen.guidance.stack import GuidanceStack
 from tailgen.sampling.sanity import check_finite
 from tailgen.utils.errors import ConfigError
 

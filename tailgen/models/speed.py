@@ -1,0 +1,126 @@
+"""Speed options for frozen networks at sampling time (issue 11): reduced-precision autocast, ``channels_last``
+memory layout, the attention kernel and ``torch.compile``. Plain PyTorch; ``GuidedDiffusion`` and
+``tools/bench.py`` use them.
+
+* ``autocast``: ``"bf16"`` / ``"fp16"`` run the network's matmuls and convolutions in that dtype
+  (``torch.autocast``); the output is cast back to float32 so that all sampler arithmetic stays float32.
+  ``"auto"`` is bf16 where the hardware has fast bf16 (CPU: AMX-BF16 or AVX512-BF16 in /proc/cpuinfo; CUDA:
+  ``torch.cuda.is_bf16_supported()``), else no autocast. Detected, never assumed.
+* ``channels_last``: NHWC weights, so convolutions pick the NHWC kernels (oneDNN / cuDNN); numerics unchanged up
+  to summation order.
+* ``attention``: ``"matmul"`` (explicit softmax(q^T k / sqrt(c)) v, float32 softmax), ``"sdpa"``
+  (``F.scaled_dot_product_attention``) or ``"auto"`` (SDPA off-CPU, matmul on CPU).
+* ``compile``: ``torch.compile`` of the network's forward (the module itself is unchanged, so its state dict
+  and attributes stay as they are).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from tailgen.utils import ConfigError
+
+ATTENTION_MODES = {"auto": None, "matmul": False, "sdpa": True}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_CHOICES = (None, "auto", *AUTOCAST_DTYPES)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def hardware_report() -> dict:
+    """What the speed options depend on: the CPU's vector ISA and bf16/fp16 units, the GPU if any."""
+    flags = cpu_flags()
+    report = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+              "amx_fp16": "amx_fp16" in flags, "threads": torch.get_num_threads(),
+              "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return report
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """True where bf16 matmuls/convolutions have hardware support on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    return False
+
+
+def resolve_autocast(autocast: Optional[str], device: torch.device | str) -> Optional[torch.dtype]:
+    """The autocast dtype of the option value (None: float32)."""
+    if autocast not in AUTOCAST_CHOICES:
+        raise ConfigError(f"autocast must be one of null, auto, bf16, fp16; got {autocast!r}")
+    if autocast == "auto":
+        return torch.bfloat16 if fast_bf16(device) else None
+    return AUTOCAST_DTYPES.get(autocast)
+
+
+def set_attention(net: nn.Module, mode: str) -> nn.Module:
+    """Set every attention layer of ``net`` to the ``matmul`` / ``sdpa`` / ``auto`` form (in place)."""
+    if mode not in ATTENTION_MODES:
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTION_MODES)}; got {mode!r}")
+    for module in net.modules():
+        if hasattr(module, "use_sdpa"):
+            module.use_sdpa = ATTENTION_MODES[mode]
+    return net
+
+
+def prepare_network(net: nn.Module, *, channels_last: bool = False, attention: str = "auto") -> nn.Module:
+    """Apply the in-place options (memory layout, attention kernel) to a frozen network."""
+    set_attention(net, attention)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
+class AutocastCall:
+    """``net(*args, **kwargs)`` under ``torch.autocast(dtype)`` with floating outputs cast back to float32.
+
+    Other attributes (e.g. ``class_embedding``) are the wrapped network's, unchanged."""
+
+    def __init__(self, net: Callable, dtype: Optional[torch.dtype]):
+        self.net, self.dtype = net, dtype
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.dtype is None:
+            return self.net(x, *args, **kwargs)
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            out = self.net(x, *args, **kwargs)
+        return out.float() if out.is_floating_point() else out
+
+    def __getattr__(self, name: str):
+        if name == "net":
+            raise AttributeError(name)
+        return getattr(self.net, name)
+
+
+def fast_network(net: nn.Module, *, autocast: Optional[torch.dtype] = None, compile: bool = False) -> Callable:
+    """A callable running ``net`` with the call-time options (autocast dtype, torch.compile); ``net`` itself is
+    not changed (``prepare_network`` does the in-place ones)."""
+    call = torch.compile(net) if compile else net
+    return AutocastCall(call, autocast) if autocast is not None else call
+
+
+def time_first_call(fn: Callable[[], object]) -> float:
+    """Seconds of one call (e.g. the first call of a compiled network, which compiles it)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
