@@ -69,6 +69,8 @@ def verdicts(plan: dict, table: dict, cfg: dict) -> dict[tuple[str, int], dict]:
     curve_method, headline_n = plan.get("curve", "adm_g"), plan["setting"]["headline"]["num_samples"]
     out = {}
     for (run, n), row in table.items():
+        if row["info"]["method"] == curve_method:
+            continue  # the curve itself is the reference, not a candidate
         curve = [r["mean"] for (name, size), r in sorted(
             ((k, v) for k, v in table.items() if v["info"]["method"] == curve_method and k[1] == n),
             key=lambda kv: kv[1]["info"]["value"])]
