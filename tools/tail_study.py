@@ -10,7 +10,8 @@ A *unit* is (run, N, seed set): ``tailgen predict`` writes ``<out>/model_<sha>/<
 mix), then
 ``tailgen test`` on those samples writes ``metrics.json`` beside them. A unit with a metrics.json is finished and
 skipped, so a killed study resumes where it stopped; every unit can be reproduced by hand from the command saved
-in its ``command.txt``. The model's weights digest is recorded per unit (``unit.json``) so every number names the
+in its ``command.txt``. Several study processes may run at once (e.g. one per core): each unit is claimed by a
+``lock`` file holding the claiming pid. The model's weights digest is recorded per unit (``unit.json``) so every number names the
 model it comes from.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -113,18 +115,50 @@ def run_unit(plan: dict, name: str, run: dict, n: int, seed: int, out: Path, wan
     if (folder / "metrics.json").exists():
         return False
     predict, test = commands(plan, run, n, seed, folder, wandb)
-    tailgen = [sys.executable, "-m", "tailgen.cli"]
     text = "\n".join(shlex.join(["tailgen", *c]) for c in (predict, test))
     if dry:
         print(f"# {name} n={n} seed={seed}\n{text}")
         return True
     folder.mkdir(parents=True, exist_ok=True)
+    if not claim(folder):
+        print(f"skip {name} n={n} seed={seed}: another study process is running it", flush=True)
+        return False
+    try:
+        return _run_claimed(plan, name, run, n, seed, folder, predict, test, text)
+    finally:
+        (folder / "lock").unlink(missing_ok=True)
+
+
+def claim(folder: Path) -> bool:
+    """Take the unit for this process (``lock`` holds its pid), so several study processes can share the work; a
+    lock whose process is gone is taken over."""
+    lock = folder / "lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False  # alive
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # stale
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def _run_claimed(plan, name, run, n, seed, folder, predict, test, text) -> bool:
+    tailgen = [sys.executable, "-m", "tailgen.cli"]
     init_args = {**plan["setting"].get("model", {}), "guidances": run["guidances"]}
     (folder / "guidances.yaml").write_text(yaml.safe_dump({"model": {"init_args": init_args}}))
     (folder / "command.txt").write_text(text + "\n")
     start = time.perf_counter()
     for stage, argv in (("predict", predict), ("test", test)):
-        if stage == "predict" and (folder / "samples.npz").exists():
+        if stage == "predict" and (folder / "samples.json").exists():  # written last by a finished predict
             continue
         with open(folder / f"{stage}.log", "w") as log:
             rc = subprocess.call([*tailgen, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
