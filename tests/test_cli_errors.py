@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from cli_processes import tailgen_env
 from tailgen.models.adm import create_classifier, create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +137,15 @@ def _npz(path: Path, **arrays) -> Path:
     return path
 
 
+def new_kit(tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """A fresh folder ``<name>`` for a test module's cases and its ``kit`` (see :func:`make_kit`) inside it."""
+    root = tmp_path_factory.mktemp(name)
+    kit = root / "kit"
+    kit.mkdir()
+    make_kit(kit)
+    return root, kit
+
+
 def make_kit(kit: Path) -> None:
     """Weights files (good and bad), configs and samples / reference files for the cases."""
     torch.manual_seed(0)
@@ -199,12 +208,8 @@ def _fill(value, kit: Path):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Runs every case once (two at a time); returns name -> (exit status, stderr, case folder)."""
-    root = tmp_path_factory.mktemp("cli_errors")
-    kit = root / "kit"
-    kit.mkdir()
-    make_kit(kit)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    root, kit = new_kit(tmp_path_factory, "cli_errors")
+    env = tailgen_env()
     runner_cases, scripts = [], {}
     for case in CASES:
         folder = root / case.name

@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 
 from cli_processes import run_all
-from test_cli_errors import make_kit
+from test_cli_errors import new_kit
 
 NOISE = ("Tip:", "litlogger", "litmodels", "LeafSpec", "Test metric", "DataLoader 0", "Predicting")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli_output")
-    kit = root / "kit"
-    kit.mkdir()
-    make_kit(kit)
+    root, kit = new_kit(tmp_path_factory, "cli_output")
     base = ["--config", str(kit / "base.yaml"), "--data.init_args.num_samples=6", "--data.init_args.batch_size=4",
             "--model.init_args.check_samples=false"]  # random networks make saturated images
     argvs = {

@@ -12,15 +12,12 @@ import numpy as np
 import pytest
 
 from cli_processes import run_all
-from test_cli_errors import make_kit
+from test_cli_errors import new_kit
 from test_metrics_suite import PixelFeatures, _data
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("samples_eval")
-    kit = root / "kit"
-    kit.mkdir()
-    make_kit(kit)
+    root, kit = new_kit(tmp_path_factory, "samples_eval")
     with np.load(kit / "samples.npz") as z:
         np.savez(kit / "unlabelled.npz", arr_0=z["arr_0"])
     # an ADM-style reference batch holding only 2048-d statistics (as Inception's), no images
