@@ -27,3 +27,29 @@ def test_a_unit_is_claimed_once(tmp_path):
     assert not tail_study.claim(tmp_path)  # held by a live process (this one)
     (tmp_path / "lock").write_text("999999999")
     assert tail_study.claim(tmp_path)  # a dead process's lock is taken over
+
+
+def test_grid_order_visits_every_method_before_repeating_one():
+    plan = tail_study.load_plan(str(ROOT / "configs/study/fashion_tail.yaml"))
+    order = [r for r, _, _ in tail_study.units(plan, "grid", None)]
+    assert sorted(order) == sorted(plan["_runs"])  # every run exactly once
+    methods = list(plan["methods"])
+    first = [plan["_runs"][r]["method"] for r in order[: len(methods)]]
+    assert first == methods  # one run of each method before any method's second
+    for method in methods:  # a method's runs on top of ADM-G come before its runs alone
+        mine = [plan["_runs"][r]["adm_g"] for r in order if plan["_runs"][r]["method"] == method]
+        assert mine == sorted(mine, key=lambda a: a is None)
+
+
+def test_a_recorded_unit_is_skipped(tmp_path, capsys):
+    plan = tail_study.load_plan(str(ROOT / "configs/study/fashion_tail.yaml"))
+    run = plan["_runs"]["cads@0.5+adm_g@1"]
+    args = (plan, "cads@0.5+adm_g@1", run, 2000, 0, tmp_path / "out", tmp_path / "records", False, True)
+    assert tail_study.run_unit(*args)  # dry run: would run it, prints the commands
+    assert "tailgen predict" in capsys.readouterr().out
+    record = tail_study.record_path(tmp_path / "records", "cads@0.5+adm_g@1", 2000, 0)
+    assert record.name == "n2000_s0.json" and record.parent.name == "cads_0.5__adm_g_1"
+    record.parent.mkdir(parents=True)
+    record.write_text("{}")
+    assert not tail_study.run_unit(*args)  # finished (its record exists): skipped
+    assert not (tmp_path / "out").exists()

@@ -7,10 +7,11 @@
 
 A *unit* is (run, N, seed set): ``tailgen predict`` writes ``<out>/model_<sha>/<run>/n<N>_s<seed>/samples.npz``
 (+ grid; ``model_<sha>`` = the first digits of the diffusion weights' sha256, so results of different models never
-mix), then
-``tailgen test`` on those samples writes ``metrics.json`` beside them. A unit with a metrics.json is finished and
-skipped, so a killed study resumes where it stopped; every unit can be reproduced by hand from the command saved
-in its ``command.txt``. Several study processes may run at once (e.g. one per core): each unit is claimed by a
+mix), then ``tailgen test`` on those samples writes ``metrics.json`` beside them. ``<out>`` is scratch (samples,
+logs; not in git). The finished unit's *record* -- what was run, on which model, how long, and every metric -- is
+written last, atomically, to ``<records>/model_<sha>/<run>/n<N>_s<seed>.json`` (default
+``docs/tail_study/units``, committed), so the study resumes across sessions and machines: a unit with a record is
+skipped. Every unit can be reproduced by hand from the command saved in its ``command.txt``. Several study processes may run at once (e.g. one per core): each unit is claimed by a
 ``lock`` file holding the claiming pid. The model's weights digest is recorded per unit (``unit.json``) so every number names the
 model it comes from.
 """
@@ -110,9 +111,15 @@ def model_digest(plan: dict) -> dict:
     return {"network": network, "weights_sha256": file_digest(path) if path else None}
 
 
-def run_unit(plan: dict, name: str, run: dict, n: int, seed: int, out: Path, wandb: bool, dry: bool) -> bool:
+def record_path(records: Path, run: str, n: int, seed: int) -> Path:
+    """``<records>/<run>/n<N>_s<seed>.json``; ``records`` already names the model (see :func:`model_out`)."""
+    return unit_dir(records, run, n, seed).with_suffix(".json")
+
+
+def run_unit(plan: dict, name: str, run: dict, n: int, seed: int, out: Path, records: Path, wandb: bool,
+             dry: bool) -> bool:
     folder = unit_dir(out, name, n, seed)
-    if (folder / "metrics.json").exists():
+    if record_path(records, name, n, seed).exists():
         return False
     predict, test = commands(plan, run, n, seed, folder, wandb)
     text = "\n".join(shlex.join(["tailgen", *c]) for c in (predict, test))
@@ -124,7 +131,7 @@ def run_unit(plan: dict, name: str, run: dict, n: int, seed: int, out: Path, wan
         print(f"skip {name} n={n} seed={seed}: another study process is running it", flush=True)
         return False
     try:
-        return _run_claimed(plan, name, run, n, seed, folder, predict, test, text)
+        return _run_claimed(plan, name, run, n, seed, folder, predict, test, text, record_path(records, name, n, seed))
     finally:
         (folder / "lock").unlink(missing_ok=True)
 
@@ -151,7 +158,7 @@ def claim(folder: Path) -> bool:
     return False
 
 
-def _run_claimed(plan, name, run, n, seed, folder, predict, test, text) -> bool:
+def _run_claimed(plan, name, run, n, seed, folder, predict, test, text, record: Path) -> bool:
     tailgen = [sys.executable, "-m", "tailgen.cli"]
     init_args = {**plan["setting"].get("model", {}), "guidances": run["guidances"]}
     (folder / "guidances.yaml").write_text(yaml.safe_dump({"model": {"init_args": init_args}}))
@@ -170,6 +177,11 @@ def _run_claimed(plan, name, run, n, seed, folder, predict, test, text) -> bool:
             "steps": plan["setting"]["steps"], "seconds": round(time.perf_counter() - start, 1),
             "model": plan["_model"], "guidances": run["guidances"]}
     (folder / "unit.json").write_text(json.dumps(info, indent=1) + "\n")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_suffix(".partial")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    partial.write_text(json.dumps({**info, "metrics": metrics}, indent=1, sort_keys=False) + "\n")
+    partial.replace(record)  # atomic: a record exists only for a finished unit
     print(f"done {name} n={n} seed={seed} in {info['seconds']:.0f} s", flush=True)
     return True
 
@@ -180,9 +192,23 @@ def load_plan(path: str) -> dict:
     return plan
 
 
+def interleaved(runs: dict[str, dict]) -> list[str]:
+    """Grid order: round-robin over methods, each method's runs on top of ADM-G first and middle strengths before
+    the extremes, so that an interrupted study has seen every method early rather than a few at every strength."""
+    per_method: dict[str, list[str]] = {}
+    for name, run in runs.items():
+        per_method.setdefault(run["method"], []).append(name)
+    def key(r: str) -> tuple:  # on ADM-G first, then middle strengths before the extremes
+        values = sorted({runs[o]["value"] for o in per_method[runs[r]["method"]]})
+        return runs[r]["adm_g"] is None, abs(values.index(runs[r]["value"]) - (len(values) - 1) / 2)
+
+    queues = [sorted(names, key=key) for names in per_method.values()]
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 def units(plan: dict, stage: str, only: list[str] | None) -> list[tuple[str, int, int]]:
     s = plan["setting"]
-    names = list(plan["_runs"]) if stage == "grid" else list(plan.get("headline", []))
+    names = interleaved(plan["_runs"]) if stage == "grid" else list(plan.get("headline", []))
     unknown = [r for r in (only or []) if r not in plan["_runs"]]
     if unknown:
         raise SystemExit(f"tail_study: unknown run(s) {unknown}; see `python tools/tail_study.py list`")
@@ -196,6 +222,8 @@ def main(argv=None) -> None:
     ap.add_argument("action", choices=["run", "list", "report"])
     ap.add_argument("--plan", default=str(ROOT / "configs/study/fashion_tail.yaml"))
     ap.add_argument("--out", default=str(ROOT / "runs/tail_study"))
+    ap.add_argument("--records", default=str(ROOT / "docs/tail_study/units"),
+                    help="where finished units' records (metrics + provenance) go; committed, so the study resumes")
     ap.add_argument("--docs", default=str(ROOT / "docs/tail_study"))
     ap.add_argument("--stage", choices=["grid", "headline"], default="grid")
     ap.add_argument("--only", nargs="*")
@@ -212,15 +240,17 @@ def main(argv=None) -> None:
         from tail_study_report import report
 
         plan["_model"] = model_digest(plan)
-        report(plan, model_out(Path(args.out), plan["_model"]), Path(args.docs))
+        report(plan, model_out(Path(args.records), plan["_model"]), Path(args.docs),
+               model_out(Path(args.out), plan["_model"]))
         return
     plan["_model"] = model_digest(plan)
     out = model_out(Path(args.out), plan["_model"])
+    records = model_out(Path(args.records), plan["_model"])
     from tqdm import tqdm
 
     todo = units(plan, args.stage, args.only)
     for name, n, seed in tqdm(todo, desc=f"tail study ({args.stage})", disable=args.dry_run):
-        run_unit(plan, name, plan["_runs"][name], n, seed, out, args.wandb, args.dry_run)
+        run_unit(plan, name, plan["_runs"][name], n, seed, out, records, args.wandb, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Report of the tail study (`python tools/tail_study.py report`): tables, the PROTOCOL.md verdicts, plots, grids.
 
-Reads every finished unit under ``--out`` (``unit.json`` + ``metrics.json``) and writes to ``--docs``:
-``results.json`` (every unit), ``results.csv`` (one row per run and sample size: mean, std, seed sets),
+Reads every finished unit's record under ``--records`` (one JSON per unit: provenance + metrics) and writes to
+``--docs``:
+``results.csv`` (one row per run and sample size: mean, std, seed sets),
 ``results.md`` (the table and the verdicts), ``<space>_<y>_vs_<x>.png`` (the ADM-G curve drawn, error bars,
 numbered points with a legend so labels never overlap) and ``grid_<run>.png`` for the headline runs.
 """
@@ -27,14 +28,9 @@ DEFAULT_REPORT = {
 }
 
 
-def collect(out: Path) -> list[dict]:
-    units = []
-    for info_path in sorted(out.glob("*/n*_s*/unit.json")):
-        metrics_path = info_path.with_name("metrics.json")
-        if metrics_path.exists():
-            units.append({**json.loads(info_path.read_text()), "metrics": json.loads(metrics_path.read_text()),
-                          "folder": str(info_path.parent)})
-    return units
+def collect(records: Path) -> list[dict]:
+    """Every finished unit: ``<records>/<run>/n<N>_s<seed>.json`` (written last and atomically by the driver)."""
+    return [json.loads(p.read_text()) for p in sorted(records.glob("*/n*_s*.json"))]
 
 
 def aggregate(units: list[dict]) -> dict[tuple[str, int], dict]:
@@ -163,31 +159,31 @@ def plot(plan: dict, table: dict, cfg: dict, docs: Path, n: int) -> list[Path]:
     return written
 
 
-def grids(plan: dict, table: dict, docs: Path) -> None:
+def grids(plan: dict, table: dict, docs: Path, out: Path) -> None:
+    """One row per class of each headline run's samples (seed set 0), where the samples are still on this disk."""
     from tailgen.utils.images import make_grid, save_png
 
     headline_n = plan["setting"]["headline"]["num_samples"]
     for (run, n), row in table.items():
-        if n != headline_n:
+        samples = out / run.replace("@", "_").replace("+", "__") / f"n{n}_s0" / "samples.npz"
+        if n != headline_n or not samples.exists():
             continue
-        data = np.load(Path(row["info"]["folder"]) / "samples.npz")
+        data = np.load(samples)
         images, labels = data["arr_0"], data["arr_1"]
         rows = [images[labels == c][:12] for c in np.unique(labels)]  # one row per class
         save_png(make_grid(np.concatenate(rows), nrow=12), docs / f"grid_{run.replace('@', '_').replace('+', '__')}.png")
 
 
-def report(plan: dict, out: Path, docs: Path) -> None:
+def report(plan: dict, records: Path, docs: Path, out: Path) -> None:
     cfg = {**DEFAULT_REPORT, **plan.get("report", {})}
     docs.mkdir(parents=True, exist_ok=True)
-    units = collect(out)
+    units = collect(records)
     if not units:
-        raise SystemExit(f"tail_study report: no finished unit under {out}")
+        raise SystemExit(f"tail_study report: no finished unit under {records}")
     table = aggregate(units)
     verdict = verdicts(plan, table, cfg)
-    (docs / "results.json").write_text(json.dumps(
-        [{k: v for k, v in u.items() if k != "folder"} for u in units], indent=1) + "\n")
     write_tables(table, verdict, cfg, docs)
     for n in sorted({n for _, n in table}):
         plot(plan, table, cfg, docs, n)
-    grids(plan, table, docs)
+    grids(plan, table, docs, out)
     print((docs / "results.md").read_text())
