@@ -53,3 +53,26 @@ def test_a_recorded_unit_is_skipped(tmp_path, capsys):
     record.write_text("{}")
     assert not tail_study.run_unit(*args)  # finished (its record exists): skipped
     assert not (tmp_path / "out").exists()
+
+
+def test_rarest_on_manifold_picks_rare_samples_inside_the_real_manifold():
+    import numpy as np
+    import torch
+
+    from tail_study_report import rarest_on_manifold
+
+    def pixels(images):  # features = the single pixel value
+        return {"pool": torch.as_tensor(np.asarray(images)).reshape(len(images), -1)[:, :1].float()}
+
+    def img(v):
+        return np.full((1, 1, 1), v, dtype=np.uint8)
+
+    # real class 0 at 0, 1, 2, 10 (the point 10 has a large ball: radius 8 for k=1); class 1 at 100, 101
+    real = np.stack([img(v) for v in (0, 1, 2, 10, 100, 101)])
+    real_labels = np.array([0, 0, 0, 0, 1, 1])
+    # fakes of class 0: 1 (dense), 9 (inside only the big ball -> rarest), 50 (inside no ball: off-manifold)
+    fake = np.stack([img(v) for v in (1, 9, 50, 100)])
+    labels = np.array([0, 0, 0, 1])
+    picked, picked_labels = rarest_on_manifold(fake, labels, real, real_labels, pixels, k=1, per_class=5)
+    assert picked[:, 0, 0, 0].tolist() == [9, 1, 100]  # rarest first, the off-manifold 50 never shown
+    assert picked_labels.tolist() == [0, 0, 1]

@@ -159,19 +159,51 @@ def plot(plan: dict, table: dict, cfg: dict, docs: Path, n: int) -> list[Path]:
     return written
 
 
+def rarest_on_manifold(images: np.ndarray, labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray,
+                       extractor, k: int = 3, per_class: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the ``per_class`` samples with the largest rarity score (Han et al. 2023) among those inside at
+    least one real k-NN ball of their own class (on-manifold), in ``extractor``'s feature space; rarest first."""
+    import torch
+
+    from tailgen.metrics.reference import extract_features
+    from tailgen.metrics.tail_manifold import rarity_scores
+
+    fake_f, real_f = extract_features(extractor, images)["pool"], extract_features(extractor, real)["pool"]
+    picked, picked_labels = [], []
+    for c in np.unique(labels):
+        score = rarity_scores(real_f[torch.from_numpy(real_labels == c)], fake_f[torch.from_numpy(labels == c)], k=k)
+        score = torch.nan_to_num(score, nan=-1.0).numpy()  # NaN = inside no ball: off-manifold, never picked
+        order = [i for i in np.argsort(-score, kind="stable") if score[i] >= 0][:per_class]
+        picked.append(images[labels == c][order])
+        picked_labels += [c] * len(order)
+    return np.concatenate(picked), np.array(picked_labels)
+
+
 def grids(plan: dict, table: dict, docs: Path, out: Path) -> None:
-    """One row per class of each headline run's samples (seed set 0), where the samples are still on this disk."""
-    from tailgen.utils.images import make_grid, save_png
+    """For each headline run whose samples (seed set 0) are still on this disk: ``grid_<run>.png`` (one labelled
+    row per class) and ``rarest_<run>.png`` (per class the rarest on-manifold samples, judge features)."""
+    from tailgen.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+    from tailgen.metrics.features import ClassifierFeatures
+    from tailgen.models.spec import NetworkSpec
+    from tailgen.utils.images import class_grid, save_png
 
     headline_n = plan["setting"]["headline"]["num_samples"]
+    judge = None
     for (run, n), row in table.items():
         samples = out / run.replace("@", "_").replace("+", "__") / f"n{n}_s0" / "samples.npz"
         if n != headline_n or not samples.exists():
             continue
         data = np.load(samples)
         images, labels = data["arr_0"], data["arr_1"]
-        rows = [images[labels == c][:12] for c in np.unique(labels)]  # one row per class
-        save_png(make_grid(np.concatenate(rows), nrow=12), docs / f"grid_{run.replace('@', '_').replace('+', '__')}.png")
+        stem = run.replace("@", "_").replace("+", "__")
+        save_png(class_grid(images, labels, CLASS_NAMES, per_class=12), docs / f"grid_{stem}.png")
+        if judge is None:
+            judge = ClassifierFeatures(NetworkSpec(preset="fashion_judge").build(), timestep=0, name="fashion_judge")
+            real, real_labels = load_fashion_mnist("test")
+            real, real_labels = real[:n], real_labels[:n]  # the study's equal-size reference
+        rare, rare_labels = rarest_on_manifold(images, labels, real[..., None] if real.ndim == 3 else real,
+                                               real_labels, judge)
+        save_png(class_grid(rare, rare_labels, CLASS_NAMES, per_class=12), docs / f"rarest_{stem}.png")
 
 
 def report(plan: dict, records: Path, docs: Path, out: Path) -> None:
