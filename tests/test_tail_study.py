@@ -76,3 +76,24 @@ def test_rarest_on_manifold_picks_rare_samples_inside_the_real_manifold():
     picked, picked_labels = rarest_on_manifold(fake, labels, real, real_labels, pixels, k=1, per_class=5)
     assert picked[:, 0, 0, 0].tolist() == [9, 1, 100]  # rarest first, the off-manifold 50 never shown
     assert picked_labels.tolist() == [0, 0, 1]
+
+
+def test_readme_table_is_the_report_of_the_committed_records():
+    """README's tail-study table is generated from docs/tail_study/units (`python tools/tail_study.py report`);
+    a record added or changed without rerunning the report fails here."""
+    from tail_study_report import readme_block, study_table
+
+    plan = tail_study.load_plan(str(ROOT / "configs/study/fashion_tail.yaml"))
+    records = sorted((ROOT / "docs/tail_study/units").glob("model_*"))
+    assert records, "no study records committed"
+    block = readme_block(*study_table(plan, max(records, key=lambda p: len(list(p.glob("*/*.json"))))))
+    assert block in (ROOT / "README.md").read_text()
+
+
+def test_update_readme_replaces_only_the_generated_block(tmp_path):
+    from tail_study_report import README_BEGIN, README_END, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\noutro\n")
+    update_readme(readme, f"{README_BEGIN}\nnew\n{README_END}")
+    assert readme.read_text() == f"intro\n{README_BEGIN}\nnew\n{README_END}\noutro\n"

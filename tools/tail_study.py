@@ -3,7 +3,7 @@
     python tools/tail_study.py run    [--plan configs/study/fashion_tail.yaml] [--out runs/tail_study]
                                       [--stage grid|headline] [--only RUN ...] [--wandb] [--dry-run]
     python tools/tail_study.py list   [--plan ...]                      # the expanded runs and their flags
-    python tools/tail_study.py report [--out runs/tail_study] [--docs docs/tail_study]   # tools/tail_study_report.py
+    python tools/tail_study.py report [--docs docs/tail_study]   # tables, verdicts, plots, README's table
 
 A *unit* is (run, N, seed set): ``tailgen predict`` writes ``<out>/model_<sha>/<run>/n<N>_s<seed>/samples.npz``
 (+ grid; ``model_<sha>`` = the first digits of the diffusion weights' sha256, so results of different models never
@@ -241,7 +241,7 @@ def main(argv=None) -> None:
 
         plan["_model"] = model_digest(plan)
         report(plan, model_out(Path(args.records), plan["_model"]), Path(args.docs),
-               model_out(Path(args.out), plan["_model"]))
+               model_out(Path(args.out), plan["_model"]), ROOT / "README.md")
         return
     plan["_model"] = model_digest(plan)
     out = model_out(Path(args.out), plan["_model"])
