@@ -51,7 +51,8 @@ def training_process(diffusion: dict | None) -> DiffusionProcess:
     """The full (not respaced) process the networks are trained on: indices i are the original timesteps."""
     process = DiffusionProcess.from_flags(**(diffusion or {}))
     if process.num_steps != process.num_train_steps:
-        raise ConfigError("training needs the full process: leave diffusion.timestep_respacing empty")
+        raise ConfigError("model.init_args.diffusion.timestep_respacing: training needs the full process (every "
+                          "original timestep); leave it empty (respacing is a sampling option)")
     return process
 
 
