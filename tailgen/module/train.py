@@ -373,4 +373,5 @@ def ema_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, prefix.rstrip(".")
 
 
-__all__ = ["DiffusionTrainer", "ClassifierTrainer", "NetworkCall", "PrintProgress", "ema_state_dict", "training_process"]
+__all__ = ["DiffusionTrainer", "ClassifierTrainer", "NetworkCall", "PrintProgress", "ema_state_dict",
+           "training_process"]
