@@ -2,6 +2,7 @@
 
     tailgen predict --config configs/fashion/default.yaml --data.num_samples 64 --writer.output_dir out
     tailgen test    --config configs/fashion/tail.yaml --config configs/fashion/eval.yaml --model.guidances.tail.init_args.scale=0.5
+    tailgen fit     --config configs/fashion/train_diffusion.yaml   # trains; re-running resumes (ckpt_path: last)
     tailgen sweep   configs/sweeps/fashion_tail.yaml        # a W&B sweep file, run locally (tailgen/sweep.py)
 """
 
@@ -12,6 +13,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -20,6 +22,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import tailgen
@@ -96,6 +99,11 @@ class TailgenCLI(LightningCLI):
                 f"ClassifierTrainer, e.g. configs/fashion/train_diffusion.yaml); {type(self.model).__name__} has "
                 "nothing to train: run this config with `tailgen predict` or `tailgen test`"
             )
+        if str(self.config["fit"].get("ckpt_path")) == "last":  # the training configs resume by default
+            dirs = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+            if not any(True for d in dirs for _ in d.glob("last*.ckpt")):
+                rank_zero_info(f"tailgen fit: no last.ckpt in {', '.join(sorted({str(d) for d in dirs})) or '-'} "
+                               "yet: starting a new run")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         # predict / test: one bar over samples (with the sampler step) instead of Lightning's bar over batches;
@@ -225,6 +233,8 @@ def quiet_lightning() -> None:
             logger.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch pytree, via Lightning
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    # the training configs set ckpt_path: last; TailgenCLI.before_fit says so plainly on a first run
+    warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint')
 
 
 def main(args: Optional[list[str]] = None) -> None:

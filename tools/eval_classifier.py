@@ -20,7 +20,8 @@ import torch
 
 from export_weights import load_exported
 from tailgen.diffusion.process import DiffusionProcess
-from tailgen.module.train import build_network, ema_state_dict
+from tailgen.models.presets import build_network
+from tailgen.module.train import ema_state_dict
 
 
 def load_any(path: str) -> tuple[torch.nn.Module, dict]:
@@ -28,7 +29,7 @@ def load_any(path: str) -> tuple[torch.nn.Module, dict]:
     if path.endswith(".ckpt"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         hp = ckpt["hyper_parameters"]
-        net = build_network("classifier", hp.get("arch", "adm"), dict(hp["network"]))
+        net = build_network("classifier", dict(hp["network"]), arch=hp.get("arch", "adm"))
         sd, which = ema_state_dict(ckpt)
         net.load_state_dict(sd)
         info = {"arch": hp.get("arch", "adm"), "flags": hp["network"], "diffusion": hp.get("diffusion") or {},

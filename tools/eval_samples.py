@@ -28,7 +28,8 @@ from export_weights import load_exported
 from tailgen.diffusion.adapters import ADMDenoiser
 from tailgen.diffusion.noise import SeededNoise
 from tailgen.diffusion.process import DiffusionProcess
-from tailgen.module.train import build_network, ema_state_dict
+from tailgen.models.presets import build_network
+from tailgen.module.train import ema_state_dict
 from tailgen.sampling import sample
 
 
@@ -36,7 +37,7 @@ def load_model(path: str) -> tuple[torch.nn.Module, dict]:
     if path.endswith(".ckpt"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         hp = ckpt["hyper_parameters"]
-        net = build_network("model", hp.get("arch", "adm"), dict(hp["network"]))
+        net = build_network("model", dict(hp["network"]), arch=hp.get("arch", "adm"))
         net.load_state_dict(ema_state_dict(ckpt)[0])
         info = {"arch": hp.get("arch", "adm"), "flags": dict(hp["network"]), "diffusion": dict(hp["diffusion"] or {}),
                 "num_classes": hp["num_classes"], "null_label": hp["num_classes"],

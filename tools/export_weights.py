@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tailgen.module.train import build_network, ema_state_dict
+from tailgen.models.presets import build_network
+from tailgen.module.train import ema_state_dict
 from tailgen.utils.io import atomic_write
 
 _KINDS = {"DiffusionTrainer": "model", "ClassifierTrainer": "classifier"}
@@ -36,7 +37,7 @@ def export(ckpt_path: str | Path, name: str, out: str | Path = "tailgen/weights"
     sd, which = ema_state_dict(ckpt)
     sd = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     arch, flags = hp.get("arch", "adm"), dict(hp["network"])
-    net = build_network(kind, arch, flags)
+    net = build_network(kind, flags, arch=arch)
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
     out = Path(out)
     pt, js = out / f"{name}.pt", out / f"{name}.json"
@@ -67,7 +68,7 @@ def load_exported(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Modul
 
     pt = Path(path).with_suffix(".pt")
     info = json.loads(pt.with_suffix(".json").read_text())
-    net = build_network(info["kind"], info["arch"], info["flags"])
+    net = build_network(info["kind"], info["flags"], arch=info["arch"])
     load_into(net, load_state_dict_file(pt), device=device)
     return net.float().eval().requires_grad_(False), info
 

@@ -1,4 +1,4 @@
-"""Adapters that turn ADM networks into the contracts samplers and guidances use.
+"""Adapters that turn ADM networks into the contracts samplers, guidances and the trainers use.
 
 ADM quirks handled here and nowhere else (Dhariwal & Nichol 2021; guided-diffusion ``respace._WrappedModel``):
 
@@ -7,6 +7,9 @@ ADM quirks handled here and nowhere else (Dhariwal & Nichol 2021; guided-diffusi
   mapped to ``timestep_map[i]`` (int64 [B]) for the UNet **and** for the noisy classifier;
 * ``predict_xstart`` models output x0, converted here to eps;
 * ``rescale_timesteps`` models receive ``t * 1000 / N`` as float.
+
+Training (``tailgen.diffusion.losses``, ``tailgen.module.train``) calls the networks through the same adapters, so
+a network is trained on exactly the inputs it is later sampled with.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ from tailgen.utils.errors import ConfigError
 
 @dataclass
 class Prediction:
-    """Raw network prediction in sampler terms: ``eps`` and, for learned-sigma models, ``log_var`` = log Sigma."""
+    """Raw network prediction in sampler terms: ``eps`` and, for learned-sigma models, ``log_var`` = log Sigma.
+
+    ``x0`` is the network's own output for ``predict_xstart`` models (``eps`` is derived from it, exact up to
+    rounding); None for eps-prediction models. The training loss regresses whichever the network outputs."""
 
     eps: torch.Tensor
     log_var: torch.Tensor | None = None
+    x0: torch.Tensor | None = None
 
 
 class ADMDenoiser:
@@ -63,8 +70,10 @@ class ADMDenoiser:
         v = None
         if self.learn_sigma:
             out, v = torch.split(out, x.shape[1], dim=1)
-        eps = p.eps_from_x0(x, i, out) if p.predict_xstart else out
-        return Prediction(eps=eps, log_var=None if v is None else p.model_log_variance(i, v, x))
+        log_var = None if v is None else p.model_log_variance(i, v, x)
+        if p.predict_xstart:
+            return Prediction(eps=p.eps_from_x0(x, i, out), log_var=log_var, x0=out)
+        return Prediction(eps=out, log_var=log_var)
 
     def __repr__(self) -> str:
         return f"ADMDenoiser({type(self.net).__name__}, {self.process!r})"

@@ -230,20 +230,19 @@ class DiffusionProcess:
     # ------------------------------------------------------------------------------------------------ training terms
 
     def vlb_term(
-        self, x0: torch.Tensor, x_t: torch.Tensor, i: Index, eps_pred_detached: torch.Tensor, v: torch.Tensor
+        self, x0: torch.Tensor, x_t: torch.Tensor, i: Index, x0_hat: torch.Tensor, log_var: torch.Tensor
     ) -> torch.Tensor:
         """IDDPM L_vlb term per sample, in bits: [B].
 
         KL(q(x_{i-1} | x_i, x0) || p(x_{i-1} | x_i)) averaged over dimensions, or at i = 0 the decoder NLL
-        ``-log p(x0 | x_1)`` with the discretized Gaussian likelihood (256 bins on [-1, 1]). As in IDDPM's
-        hybrid loss, pass the eps prediction detached so only the variance ``v`` learns from this term.
-        The model mean uses the unclipped x0_hat (training never clips).
+        ``-log p(x0 | x_1)`` with the discretized Gaussian likelihood (256 bins on [-1, 1]); p has mean
+        ``posterior_mean(x0_hat, x_t)`` and log variance ``log_var`` (the model's log Sigma, e.g.
+        ``Prediction.log_var``). As in IDDPM's hybrid loss, pass ``x0_hat`` detached so only the variance output
+        learns from this term. Training never clips x0_hat.
         """
         true_mean = self.posterior_mean(x0, x_t, i)
         true_log_var = self.posterior_log_variance(i, x_t)
-        x0_hat = self.x0_from_eps(x_t, i, eps_pred_detached)
         mean = self.posterior_mean(x0_hat, x_t, i)
-        log_var = self.model_log_variance(i, v, x_t)
         kl = normal_kl(true_mean, true_log_var, mean, log_var).flatten(1).mean(1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).flatten(1).mean(1) / math.log(2.0)
         first = (i == 0) if isinstance(i, torch.Tensor) else torch.full_like(kl, i == 0, dtype=torch.bool)

@@ -35,8 +35,10 @@ BUILDERS = {"model": create_model, "classifier": create_classifier, "upsampler":
             "toy_denoiser": ToyDenoiser, "toy_classifier": ToyClassifier, "resnet_classifier": create_resnet_classifier}
 _DEFAULTS = {"model": model_defaults, "classifier": classifier_defaults, "upsampler": superres_defaults,
              "toy_denoiser": dict, "toy_classifier": dict, "resnet_classifier": dict}
+# The trainers and exported weights name a network by (arch, "model" | "classifier"); the builder kind it maps to:
+ARCHS = ("adm", "toy_mlp", "resnet")
 _ARCH_KINDS = {("toy_mlp", "model"): "toy_denoiser", ("toy_mlp", "classifier"): "toy_classifier",
-               ("resnet", "classifier"): "resnet_classifier"}  # exported (arch, kind) -> builder kind
+               ("resnet", "classifier"): "resnet_classifier"}
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 PRESETS: dict[str, dict] = {}
@@ -125,8 +127,26 @@ def get_preset(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
-def build_network(kind: str, flags: dict, device: str | torch.device = "cpu") -> nn.Module:
-    """Build a network of `kind` from builder flags; device "meta" builds shapes only (no memory, instant)."""
+def builder_kind(kind: str, arch: str | None = None) -> str:
+    """The ``BUILDERS`` key of a network named the trainers' way: ``arch`` "adm" (or None: ``kind`` is already a
+    builder kind) keeps ``kind``; "toy_mlp" -> ``toy_denoiser`` / ``toy_classifier``; "resnet" classifier ->
+    ``resnet_classifier``."""
+    if arch is not None and arch not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    if arch in (None, "adm"):
+        return kind
+    if (arch, kind) not in _ARCH_KINDS:
+        raise ConfigError(f"arch {arch!r} has no {kind!r} network; "
+                          f"{arch} builds: {', '.join(k for a, k in _ARCH_KINDS if a == arch)}")
+    return _ARCH_KINDS[arch, kind]
+
+
+def build_network(kind: str, flags: dict, device: str | torch.device = "cpu", arch: str | None = None) -> nn.Module:
+    """Build a network of `kind` from builder flags; device "meta" builds shapes only (no memory, instant).
+
+    With ``arch`` (the trainers' and exported weights' naming: "adm" | "toy_mlp" | "resnet"), ``kind`` is
+    "model" | "classifier" and :func:`builder_kind` picks the builder."""
+    kind = builder_kind(kind, arch)
     if kind not in BUILDERS:
         raise ConfigError(f"network kind must be one of {', '.join(BUILDERS)}, got {kind!r}")
     with torch.device(device):
@@ -163,7 +183,7 @@ def register_shipped_weights(directory: Path = WEIGHTS_DIR) -> list[str]:
     names = []
     for meta_path in sorted(Path(directory).glob("*.json")):
         meta = json.loads(meta_path.read_text())
-        kind = _ARCH_KINDS.get((meta.get("arch"), meta["kind"]), meta["kind"])
+        kind = builder_kind(meta["kind"], meta.get("arch"))
         sampling = {"num_classes": meta.get("num_classes"), "null_label": meta.get("null_label")}
         register_preset(meta_path.stem, kind, meta["flags"], meta.get("diffusion", {}),
                         file=meta_path.with_suffix(".pt").name, weights=str(meta_path.with_suffix(".pt")),
