@@ -27,6 +27,13 @@ _EXPORTS = {
     "NetworkSpec": "tailgen.models.spec",
     "SamplingDataModule": "tailgen.module.sampling_data",
     "sample_seed": "tailgen.module.sampling_data",
+    # samplers without the LightningModule: sample("ddim", SamplingRun(ADMDenoiser(unet, process), ...), x, process)
+    "SamplingRun": "tailgen.sampling",
+    "sample": "tailgen.sampling",
+    "DiffusionProcess": "tailgen.diffusion",
+    "ADMDenoiser": "tailgen.diffusion",
+    "NoisyClassifier": "tailgen.diffusion",
+    "SeededNoise": "tailgen.diffusion",
     # guidances
     "Guidance": "tailgen.guidance",
     "GradientGuidance": "tailgen.guidance",

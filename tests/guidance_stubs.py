@@ -67,13 +67,13 @@ class LinearDenoiser:
         return Prediction(eps=eps, log_var=log_var)
 
 
-def make_ctx(x, i=5, *, process=None, labels=None, classifier=None, denoiser=None, uncond=None, noise=None,
+def make_ctx(x, i=5, *, process=None, labels=None, noisy_classifier=None, denoiser=None, uncond=None, noise=None,
              sampler="ddpm", step=None) -> StepContext:
     process = process or make_process()
     K = process.num_steps
     return StepContext(step=K - 1 - i if step is None else step, num_steps=K, i=i, process=process, x=x,
                        labels=labels, sampler=sampler, denoiser=denoiser or LinearDenoiser(), uncond=uncond,
-                       classifier_net=classifier, noise=noise)
+                       noisy_classifier=noisy_classifier, noise=noise)
 
 
 def batch(n: int = 4, seed: int = 2, scale: float = 1.0) -> torch.Tensor:

@@ -12,7 +12,7 @@ from tailgen.guidance import CADS, Guidance, GuidanceStack
 from tailgen.guidance.cads import cads_gamma, rescale_condition
 from tailgen.models.adm import create_model
 from tailgen.models.toy import ToyDenoiser
-from tailgen.sampling import sample_ddpm
+from tailgen.sampling import SamplingRun, sample_ddpm
 from tailgen.utils import ConfigError
 
 LABELS = torch.tensor([0, 3, 1, 4])
@@ -169,7 +169,8 @@ def run(unet, seeds, labels, guidance=()):
     p = process("8")
     noise = SeededNoise(seeds)
     x = noise.initial((len(seeds), 1, 8, 8))
-    return sample_ddpm(ADMDenoiser(unet, p), x, p, torch.tensor(labels), guidance=list(guidance), noise=noise)
+    return sample_ddpm(SamplingRun(ADMDenoiser(unet, p), guidance=list(guidance), noise=noise), x, p,
+                       torch.tensor(labels))
 
 
 def test_inactive_cads_gives_bit_identical_samples(unet):

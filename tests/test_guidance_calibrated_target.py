@@ -120,14 +120,14 @@ def test_guidance_is_variant_e_with_the_table_target(toy_classifier, tmp_path):
                                  cache_dir=str(tmp_path), scale=2.0)
     labels = torch.tensor([0, 1, 2, 0])
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
-    ctx = make_ctx(x, i=30, process=toy_classifier.process, labels=labels, classifier=toy_classifier)
+    ctx = make_ctx(x, i=30, process=toy_classifier.process, labels=labels, noisy_classifier=toy_classifier)
     c = g.target_at(ctx)
     assert len(list(tmp_path.glob("*.npz"))) == 1
     images, y = ct.calibration_images("toy", 600, 0, x)
     table = ct.cached_confidence_table(toy_classifier, images, y, num_times=12, cache_dir=tmp_path)
     assert c == pytest.approx(float(np.interp(ctx.t, table.timesteps, table.quantile(0.3))))
     fixed = LowDensityGuidance(variant="target", target_confidence=c, scale=2.0)
-    ctx2 = make_ctx(x, i=30, process=toy_classifier.process, labels=labels, classifier=toy_classifier)
+    ctx2 = make_ctx(x, i=30, process=toy_classifier.process, labels=labels, noisy_classifier=toy_classifier)
     torch.testing.assert_close(g.direction(ctx), fixed.direction(ctx2))
     # per class: one target per sample, by label
     gc = CalibratedTargetGuidance(target_quantile=0.3, per_class=True, calibration_data="toy", num_images=600,
@@ -147,6 +147,6 @@ def test_bad_options():
     with pytest.raises(ConfigError, match="target_space"):
         CalibratedTargetGuidance(target_space="logit")
     g = CalibratedTargetGuidance()
-    ctx = make_ctx(torch.zeros(2, 1, 28, 28), labels=torch.tensor([0, 1]), classifier=lambda x, i: x)
+    ctx = make_ctx(torch.zeros(2, 1, 28, 28), labels=torch.tensor([0, 1]), noisy_classifier=lambda x, i: x)
     with pytest.raises(ConfigError, match="NoisyClassifier"):
         g.target_at(ctx)

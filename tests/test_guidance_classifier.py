@@ -18,14 +18,14 @@ def close(a, b, tol=1e-5):
 
 def test_direction_is_grad_log_p_y():
     clf, x = LinearClassifier(), batch()
-    ctx = make_ctx(x, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf)
     close(ClassifierGuidance(scale=2.0).direction(ctx), clf.grad_log_p(x, LABELS))
     close(ClassifierGuidance(scale=2.0).guided_gradient(ctx), 2.0 * clf.grad_log_p(x, LABELS))
 
 
 def test_mean_form_on_ddpm():
     clf, x, den = LinearClassifier(), batch(), LinearDenoiser()
-    ctx = make_ctx(x, labels=LABELS, classifier=clf, denoiser=den, sampler="ddpm")
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf, denoiser=den, sampler="ddpm")
     stack = GuidanceStack([ClassifierGuidance(scale=1.5)])
     pred = stack.predict(ctx, clip_denoised=False)
     close(pred.eps, den(x, ctx.i, LABELS).eps)  # eps untouched: the shift goes to the mean
@@ -34,7 +34,7 @@ def test_mean_form_on_ddpm():
 
 def test_score_form_on_ddim():
     clf, x, den = LinearClassifier(), batch(), LinearDenoiser()
-    ctx = make_ctx(x, labels=LABELS, classifier=clf, denoiser=den, sampler="ddim")
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf, denoiser=den, sampler="ddim")
     stack = GuidanceStack([ClassifierGuidance(scale=1.5)])
     pred = stack.predict(ctx, clip_denoised=False)
     abar = float(ctx.process.alphas_cumprod[ctx.i])
@@ -46,7 +46,7 @@ def test_score_form_on_ddim():
 
 def test_pre_form_moves_x_before_the_network():
     clf, x, den = LinearClassifier(), batch(), LinearDenoiser()
-    ctx = make_ctx(x, labels=LABELS, classifier=clf, denoiser=den, sampler="ddpm")
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf, denoiser=den, sampler="ddpm")
     pred = GuidanceStack([ClassifierGuidance(scale=0.7, form="pre")]).predict(ctx, clip_denoised=False)
     x_new = x + float(ctx.process.betas[ctx.i]) * 0.7 * clf.grad_log_p(x, LABELS)
     close(pred.x, x_new)
@@ -56,7 +56,7 @@ def test_pre_form_moves_x_before_the_network():
 
 def test_one_classifier_forward_shared_by_guidances():
     clf, x = LinearClassifier(), batch()
-    ctx = make_ctx(x, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf)
     stack = GuidanceStack([ClassifierGuidance(), LowDensityGuidance(variant="target"),
                            EntropyScaledClassifierGuidance()])
     stack.mean_gradient(ctx)
@@ -66,7 +66,7 @@ def test_one_classifier_forward_shared_by_guidances():
 def test_max_norm_caps_per_sample_rms():
     clf = LinearClassifier()
     x = torch.cat([batch(2), 1e-3 * batch(2, seed=5)])
-    ctx = make_ctx(x, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf)
     raw = 50.0 * clf.grad_log_p(x, LABELS)
     rms = raw.flatten(1).norm(dim=1) / math.sqrt(raw[0].numel())
     cap = float(rms.median())
@@ -82,7 +82,7 @@ def test_max_norm_caps_per_sample_rms():
 
 def test_eds_scale_is_log_c_over_entropy():
     clf, x = LinearClassifier(), batch()
-    ctx = make_ctx(x, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf)
     p = clf.probs(x)
     want = math.log(5) / -(p * p.log()).sum(-1)
     eds = EntropyScaledClassifierGuidance(scale=0.75)
@@ -93,7 +93,7 @@ def test_eds_scale_is_log_c_over_entropy():
 
 def test_eds_finite_on_a_saturated_classifier():
     clf, x = LinearClassifier(), batch(scale=1e3)
-    ctx = make_ctx(x, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf)
     assert torch.isfinite(EntropyScaledClassifierGuidance().guided_gradient(ctx)).all()
 
 
@@ -112,7 +112,7 @@ def test_mean_form_on_ddim_is_a_config_error(cls):
 
 
 def test_missing_labels_is_a_config_error():
-    ctx = make_ctx(batch(), labels=None, classifier=LinearClassifier())
+    ctx = make_ctx(batch(), labels=None, noisy_classifier=LinearClassifier())
     with pytest.raises(ConfigError, match="needs class labels"):
         ClassifierGuidance().direction(ctx)
 

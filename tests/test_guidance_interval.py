@@ -16,7 +16,7 @@ from guidance_stubs import LinearClassifier, LinearDenoiser, batch, make_ctx
 from tailgen.diffusion import DiffusionProcess, SeededNoise
 from tailgen.guidance import ClassifierGuidance, GuidanceStack
 from tailgen.data.fashion_mnist import load_fashion_mnist
-from tailgen.sampling import sample_ddpm
+from tailgen.sampling import SamplingRun, sample_ddpm
 from tailgen.utils import DataError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs/fashion/interval.yaml"
@@ -38,12 +38,12 @@ def test_guidance_acts_only_inside_the_window():
     inside = [i for i in range(process.num_steps) if g.t_min <= process.timestep_map[i] / 1000 <= g.t_max]
     assert 0 < len(inside) < process.num_steps
     # the whole DDPM loop: the classifier is evaluated on exactly the steps inside the window
-    sample_ddpm(LinearDenoiser(a=0.3), batch(), process, LABELS, guidance=GuidanceStack([g]), classifier=clf,
-                noise=SeededNoise([0, 1, 2, 3]))
+    sample_ddpm(SamplingRun(LinearDenoiser(a=0.3), guidance=GuidanceStack([g]), noisy_classifier=clf,
+                            noise=SeededNoise([0, 1, 2, 3])), batch(), process, LABELS)
     assert sorted(clf.calls) == inside
     # and the mean shift is scale * grad log p there, absent elsewhere
     for i in (min(inside) - 1, min(inside), max(inside), max(inside) + 1):
-        ctx = make_ctx(batch(), i=i, process=process, labels=LABELS, classifier=clf)
+        ctx = make_ctx(batch(), i=i, process=process, labels=LABELS, noisy_classifier=clf)
         shift = GuidanceStack([g]).mean_gradient(ctx)
         if i in inside:
             torch.testing.assert_close(shift.double(), g.scale * clf.grad_log_p(ctx.x, LABELS), rtol=1e-5, atol=1e-6)

@@ -11,7 +11,7 @@ import torch
 from guidance_stubs import LinearDenoiser, batch, make_ctx
 from tailgen.diffusion import DiffusionProcess, Prediction, ReplayNoise, TorchNoise
 from tailgen.guidance import GuidanceStack, LangevinPull, PredictedImagePull
-from tailgen.sampling import sample_ddpm
+from tailgen.sampling import SamplingRun, sample_ddpm
 from tailgen.utils import ConfigError
 
 N, D = 4000, 64  # D large enough that eta m < 2 (no clamping) for every sample
@@ -97,8 +97,9 @@ def run_ddpm(guidance, std, steps="25", seed=0):
     noise = TorchNoise(gen)
     variances = []
     x = noise.initial((N, len(std)))
-    out = sample_ddpm(den, x, p, None, guidance=guidance, noise=noise, clip_denoised=False,
+    run = SamplingRun(den, guidance=guidance, noise=noise, clip_denoised=False,
                       callback=lambda s: variances.append(s["x"].var(0).mean().item()))
+    out = sample_ddpm(run, x, p, None)
     return out, variances, den
 
 

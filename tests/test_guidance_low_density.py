@@ -39,7 +39,7 @@ CASES = [("complement", "prob"), ("negative", "prob"), ("entropy", "prob"), ("da
 def test_direction_equals_autograd_of_the_literal_objective(variant, space):
     clf, x = LinearClassifier(), batch(scale=0.3)
     g = LowDensityGuidance(variant=variant, lam=0.7, gamma=2.0, target_confidence=0.4, target_space=space)
-    d = g.direction(make_ctx(x, labels=LABELS, classifier=clf))
+    d = g.direction(make_ctx(x, labels=LABELS, noisy_classifier=clf))
     x64 = x.double().requires_grad_(True)
     (want,) = torch.autograd.grad(literal_objective(clf, x64, LABELS, variant, space=space).sum(), x64)
     torch.testing.assert_close(d.double(), want, rtol=1e-4, atol=1e-6)
@@ -47,7 +47,7 @@ def test_direction_equals_autograd_of_the_literal_objective(variant, space):
 
 def test_closed_forms_of_the_multiplicative_variants():
     clf, x = LinearClassifier(), batch(scale=0.3)
-    ctx = make_ctx(x, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf)
     g_y = clf.grad_log_p(x, LABELS)
     p = clf.probs(x)[torch.arange(4), LABELS].view(-1, 1, 1, 1)
     expect = {
@@ -63,7 +63,7 @@ def test_closed_forms_of_the_multiplicative_variants():
 def test_complement_identity_relative_and_absolute():
     """(a): s (g_y + lam grad log(1-p)) = (s - L p/(1-p)) g_y with L = s lam; p/(1-p) = exp(log p - log(1-p))."""
     clf, x = LinearClassifier(), batch(scale=0.3)
-    ctx = make_ctx(x, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf)
     s, lam = 2.0, 0.25
     logits = x.double().flatten(1) @ clf.W.T + clf.b
     log_p = torch.log_softmax(logits, -1)[torch.arange(4), LABELS]
@@ -82,7 +82,7 @@ def test_complement_fixed_point(lam):
     assert p_star == pytest.approx(1 / (1 + lam))
     for q, sign in [(p_star, 0), (p_star * 0.6, 1), (p_star + 0.6 * (1 - p_star), -1)]:
         clf, x = two_class_at(q)
-        ctx = make_ctx(x, labels=torch.tensor([0]), classifier=clf)
+        ctx = make_ctx(x, labels=torch.tensor([0]), noisy_classifier=clf)
         assert clf.probs(x)[0, 0].item() == pytest.approx(q, rel=1e-5)
         d, g_y = g.direction(ctx).double(), clf.grad_log_p(x, torch.tensor([0]))
         along = (d * g_y).sum().item() / g_y.norm().item() ** 2  # = 1 - lam p/(1-p)
@@ -95,7 +95,7 @@ def test_complement_fixed_point(lam):
 
 def test_complement_stays_finite_where_p_saturates():
     clf, x = LinearClassifier(), batch(scale=200.0)
-    ctx = make_ctx(x, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf)
     assert torch.isfinite(LowDensityGuidance(variant="complement", lam=1.0).direction(ctx)).all()
 
 
@@ -106,7 +106,7 @@ def test_target_pushes_p_toward_c_from_both_sides(space, start):
     clf, x = two_class_at(start)
     y = torch.tensor([0])
     d = LowDensityGuidance(variant="target", target_confidence=c, target_space=space).direction(
-        make_ctx(x, labels=y, classifier=clf))
+        make_ctx(x, labels=y, noisy_classifier=clf))
     if start == c:
         assert d.norm().item() < 1e-5
         return
@@ -117,7 +117,7 @@ def test_target_pushes_p_toward_c_from_both_sides(space, start):
 
 def test_entropy_ascent_raises_entropy():
     clf, x = LinearClassifier(), batch(scale=0.3)
-    ctx = make_ctx(x, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf)
     d = LowDensityGuidance(variant="entropy", lam=50.0).direction(ctx)  # dominated by grad H
     H = lambda z: -(clf.probs(z) * clf.probs(z).log()).sum(-1)
     assert (H(x + 1e-3 * d) > H(x)).all()
@@ -125,13 +125,13 @@ def test_entropy_ascent_raises_entropy():
 
 def test_variants_sharing_g_y_need_no_extra_backward():
     clf, x = LinearClassifier(), batch()
-    ctx = make_ctx(x, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, labels=LABELS, noisy_classifier=clf)
     for v in ("negative", "damped", "target"):
         LowDensityGuidance(variant=v).direction(ctx)
-    assert set(ctx.classifier()._grads) == {"log_p_y"}
+    assert set(ctx.classifier_eval()._grads) == {"log_p_y"}
     LowDensityGuidance(variant="complement").direction(ctx)
     LowDensityGuidance(variant="entropy").direction(ctx)
-    assert set(ctx.classifier()._grads) == {"log_p_y", "log_1m_p_y", "entropy"}
+    assert set(ctx.classifier_eval()._grads) == {"log_p_y", "log_1m_p_y", "entropy"}
 
 
 def test_unknown_variant_lists_the_valid_names():

@@ -87,7 +87,7 @@ def test_gradient_norm_objective_closed_form():
 
 def test_gradient_classifier_objective_uses_the_smallest_timestep():
     den, clf, x = LinearDenoiser(a=0.3), LinearClassifier(num_classes=5), batch(scale=0.5)
-    ctx = make_ctx(x, i=6, labels=LABELS, denoiser=den, classifier=clf)
+    ctx = make_ctx(x, i=6, labels=LABELS, denoiser=den, noisy_classifier=clf)
     c, dd = linear_x0_coef(ctx.process, 6, 0.3)
     x0 = c * x.double() - dd * den.shift[LABELS].double()
     want = c * clf.grad_log_p(x0, LABELS)

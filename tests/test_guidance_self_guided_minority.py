@@ -10,7 +10,7 @@ from guidance_stubs import SHAPE, LinearDenoiser, batch, make_ctx, make_process
 from tailgen.diffusion import ReplayNoise, SeededNoise
 from tailgen.guidance import GuidanceStack, SelfGuidedMinorityGuidance
 from tailgen.guidance.base import max_normalized
-from tailgen.sampling import sample_ddpm
+from tailgen.sampling import SamplingRun, sample_ddpm
 from tailgen.utils import ConfigError
 
 LABELS = torch.tensor([0, 1, 2, 3])
@@ -121,7 +121,8 @@ def test_sampling_is_per_sample_whatever_the_batch():
 
     def run(seeds, labels, guidance):
         noise = SeededNoise(seeds)
-        return sample_ddpm(den, noise.initial((len(seeds), *SHAPE)), process, labels, guidance=guidance, noise=noise)
+        return sample_ddpm(SamplingRun(den, guidance=guidance, noise=noise), noise.initial((len(seeds), *SHAPE)),
+                           process, labels)
 
     full = run([0, 1, 2, 3], LABELS, [g])
     torch.testing.assert_close(run([2], LABELS[2:3], [g])[0], full[2])

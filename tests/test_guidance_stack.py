@@ -70,7 +70,7 @@ def test_time_window():
     stack = GuidanceStack([g])
     seen = []
     for i in range(10):
-        ctx = make_ctx(batch(), i=i, process=process, labels=LABELS, classifier=LinearClassifier())
+        ctx = make_ctx(batch(), i=i, process=process, labels=LABELS, noisy_classifier=LinearClassifier())
         assert g.active(ctx) == (0.3 <= ctx.tau <= 0.6)
         assert (stack.mean_gradient(ctx) is not None) == g.active(ctx)
         seen.append(g.active(ctx))
@@ -90,7 +90,7 @@ def test_every_k_steps():
 ])
 def test_schedule_weights_the_gradient(schedule, f):
     clf, x = LinearClassifier(), batch()
-    ctx = make_ctx(x, i=4, labels=LABELS, classifier=clf)
+    ctx = make_ctx(x, i=4, labels=LABELS, noisy_classifier=clf)
     g = LowDensityGuidance(variant="negative", scale=2.0, schedule=schedule)
     assert g.weight(ctx) == pytest.approx(2.0 * f(ctx.tau))
     torch.testing.assert_close(g.guided_gradient(ctx).double(), -2.0 * f(ctx.tau) * clf.grad_log_p(x, LABELS),

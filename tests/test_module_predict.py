@@ -48,6 +48,28 @@ def test_module_reproduces_reference_trajectories(run):
     torch.testing.assert_close(out, ref["final"], atol=1e-4, rtol=0)
 
 
+class CountingGuidance(ClassifierGuidance):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.validations = 0
+
+    def validate(self, **kwargs):
+        self.validations += 1
+        super().validate(**kwargs)
+
+
+def test_the_guidance_stack_is_validated_at_construction_only():
+    module = GuidedDiffusion(
+        network=NetworkSpec(flags=UNET_FLAGS, checkpoint=str(FIXTURES / "tiny_unet32.pt")),
+        classifier=NetworkSpec(kind="classifier", flags=CLASSIFIER_FLAGS, checkpoint=str(FIXTURES / "tiny_classifier32.pt")),
+        diffusion={"timestep_respacing": "2"}, progress=False, check_samples=False,
+        guidances={"cg": CountingGuidance(scale=1.0)})
+    assert module.guidances["cg"].validations == 1
+    for seeds in ([1, 2], [3, 4]):  # two batches
+        module.predict_step({"label": torch.tensor([0, 1]), "seed": torch.tensor(seeds), "index": torch.tensor([0, 1])})
+    assert module.guidances["cg"].validations == 1
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 

@@ -9,7 +9,7 @@ from conftest import FIXTURES
 from tailgen.diffusion import ADMDenoiser, DiffusionProcess, NoisyClassifier, ReplayNoise
 from tailgen.guidance import GradientGuidance
 from tailgen.models.adm import create_classifier, create_model, create_superres_model
-from tailgen.sampling import sample
+from tailgen.sampling import SamplingRun, sample
 
 ATOL = 1e-4  # README 6: trajectories differ by up to 2.7e-5 between thread counts
 
@@ -20,7 +20,7 @@ class ADMClassifierGuidance(GradientGuidance):
     uses_classifier = True
 
     def direction(self, ctx):
-        return ctx.classifier().grad_log_p_y
+        return ctx.classifier_eval().grad_log_p_y
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,12 +69,12 @@ def test_golden_trajectory(golden, nets, run_key):
     noise = ReplayNoise(golden["noise_init"], golden["step_noises"])
     steps, callback = _record()
     name = "ddpm" if run["sampler"] == "p_sample_loop" else "ddim"
-    final = sample(
-        name, denoiser, noise.initial(golden["shape"]), process, golden["y"],
-        guidance=[ADMClassifierGuidance(scale=run["classifier_scale"])] if run["guided"] else None,
-        classifier=NoisyClassifier(clf, process), noise=noise, clip_denoised=run["clip_denoised"],
-        callback=callback, **({"eta": run["eta"]} if name == "ddim" else {}),
-    )
+    sampling = SamplingRun(
+        denoiser, guidance=[ADMClassifierGuidance(scale=run["classifier_scale"])] if run["guided"] else None,
+        noisy_classifier=NoisyClassifier(clf, process), noise=noise, clip_denoised=run["clip_denoised"],
+        callback=callback)
+    final = sample(name, sampling, noise.initial(golden["shape"]), process, golden["y"],
+                   **({"eta": run["eta"]} if name == "ddim" else {}))
     # The network saw the original int64 timesteps, one draw was consumed per step
     assert [t.tolist() for t in seen_t] == [[t, t] for t in run["model_timesteps_per_step"].tolist()]
     assert all(t.dtype == torch.int64 for t in seen_t)
@@ -94,8 +94,9 @@ def test_golden_upsampler_trajectory():
     noise = ReplayNoise(golden["noise_init"], golden["step_noises"])
     steps, callback = _record()
     with torch.no_grad():
-        final = sample("ddpm", ADMDenoiser(net.eval(), process), noise.initial(golden["shape"]), process, golden["y"],
-                       noise=noise, model_kwargs={"low_res": golden["low_res"]}, callback=callback)
+        sampling = SamplingRun(ADMDenoiser(net.eval(), process), noise=noise,
+                               model_kwargs={"low_res": golden["low_res"]}, callback=callback)
+        final = sample("ddpm", sampling, noise.initial(golden["shape"]), process, golden["y"])
     errors = [(x - ref).abs().max().item() for x, ref in zip(steps, run["x_seq"])]
     assert len(errors) == 10 and max(errors) < ATOL, errors
     torch.testing.assert_close(final, run["final"], atol=ATOL, rtol=0)

@@ -8,7 +8,7 @@ import torch
 
 from tailgen.diffusion import ADMDenoiser, DiffusionProcess, NoisyClassifier, ReplayNoise
 from tailgen.guidance import GradientGuidance
-from tailgen.sampling import sample
+from tailgen.sampling import SamplingRun, sample
 
 SHAPE = (2, 3, 8, 8)
 
@@ -39,7 +39,7 @@ class ClassifierGuidance(GradientGuidance):
     uses_classifier = True
 
     def direction(self, ctx):
-        return ctx.classifier().grad_log_p_y
+        return ctx.classifier_eval().grad_log_p_y
 
 
 def reference_loop(betas, timestep_map, net, clf, kind, learn_sigma, sigma_small, guided, eta, x, noises, y):
@@ -106,9 +106,9 @@ def test_bit_identical_to_reference_formulas(kind, learn_sigma, sigma_small, gui
         ref = reference_loop(p.betas, p.timestep_map, net, clf, kind, learn_sigma, sigma_small, guided, eta or 0.0,
                              x_init.clone(), noises, y)
     mine, noise = [], ReplayNoise(x_init, noises)
-    sample(kind, ADMDenoiser(net, p), noise.initial(SHAPE), p, y, noise=noise,
-           guidance=[ClassifierGuidance()] if guided else None, classifier=NoisyClassifier(clf, p),
-           callback=lambda d: mine.append(d["x"]), **({"eta": eta} if kind == "ddim" else {}))
+    run = SamplingRun(ADMDenoiser(net, p), guidance=[ClassifierGuidance()] if guided else None, noise=noise,
+                      noisy_classifier=NoisyClassifier(clf, p), callback=lambda d: mine.append(d["x"]))
+    sample(kind, run, noise.initial(SHAPE), p, y, **({"eta": eta} if kind == "ddim" else {}))
     assert len(mine) == len(ref) == p.num_steps
     for k, (a, b) in enumerate(zip(mine, ref)):
         assert torch.equal(a, b), f"step {k}: max abs diff {(a - b).abs().max().item()}"

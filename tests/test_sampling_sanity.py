@@ -9,7 +9,7 @@ import torch
 from tailgen.diffusion import DiffusionProcess, Prediction, SeededNoise
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.guidance.classifier import ClassifierGuidance
-from tailgen.sampling import sample
+from tailgen.sampling import SamplingRun, sample
 from tailgen.sampling.sanity import SATURATION_LIMIT, SampleMonitor, saturation_share
 from tailgen.utils import ConfigError, SamplingError
 
@@ -32,8 +32,8 @@ def shrink(x, i, labels=None):  # a network whose x0_hat is 0.5 x_t-ish: samples
 def run(guidances, monitor=None):
     p = DiffusionProcess.from_flags(timestep_respacing="10")
     stack = GuidanceStack(guidances)
-    return sample("ddpm", shrink, torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0)), p,
-                  noise=SeededNoise([0, 1, 2, 3]), guidance=stack, callback=monitor), stack
+    run = SamplingRun(shrink, guidance=stack, noise=SeededNoise([0, 1, 2, 3]), callback=monitor)
+    return sample("ddpm", run, torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0)), p), stack
 
 
 def test_nan_names_only_the_guidance_that_blew_up():
@@ -47,8 +47,8 @@ def test_saturated_batch_names_the_dominating_guidance_and_step():
     stack = GuidanceStack({"mild": Push(scale=1e-4), "strong": Push(scale=50.0, t_min=0.3, t_max=0.35)})
     monitor = SampleMonitor(stack)
     p = DiffusionProcess.from_flags(timestep_respacing="10")
-    x = sample("ddpm", shrink, torch.randn(4, *SHAPE), p, noise=SeededNoise([0, 1, 2, 3]), guidance=stack,
-               callback=monitor)
+    x = sample("ddpm", SamplingRun(shrink, guidance=stack, noise=SeededNoise([0, 1, 2, 3]), callback=monitor),
+               torch.randn(4, *SHAPE), p)
     with pytest.raises(SamplingError, match=r"saturated.*guidance 'strong' \(Push, scale 50\) dominated.*step 6 of 10"):
         monitor.check(x)
 

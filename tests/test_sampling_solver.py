@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tailgen.diffusion import DiffusionProcess, Prediction
-from tailgen.sampling import sample_ddim, sample_dpmpp_2m
+from tailgen.sampling import SamplingRun, sample_ddim, sample_dpmpp_2m
 
 S = 0.5
 MU = torch.linspace(-0.5, 0.5, 64, dtype=torch.float64)
@@ -44,8 +44,8 @@ def errors(schedule, K, lower_order_final=True):
     inter = []
     track = lambda d: d["i"] > 0 and inter.append(
         (d["x"] - ode_solution(p, x_T, float(p.alphas_cumprod[d["i"] - 1]))).abs().max().item())
-    ddim = sample_ddim(gaussian_denoiser(p), x_T.clone(), p, clip_denoised=False)
-    dpm = sample_dpmpp_2m(gaussian_denoiser(p), x_T.clone(), p, clip_denoised=False, callback=track,
+    ddim = sample_ddim(SamplingRun(gaussian_denoiser(p), clip_denoised=False), x_T.clone(), p)
+    dpm = sample_dpmpp_2m(SamplingRun(gaussian_denoiser(p), clip_denoised=False, callback=track), x_T.clone(), p,
                           lower_order_final=lower_order_final)
     return (ddim - exact).abs().max().item(), (dpm - exact).abs().max().item(), max(inter)
 
@@ -89,8 +89,8 @@ def test_solver_first_step_is_ddim_and_draws_no_noise():
             raise AssertionError("the ODE solver must not draw noise")
 
     first = {}
-    sample_dpmpp_2m(gaussian_denoiser(p), x.clone(), p, clip_denoised=False, noise=NoNoise(),
-                    callback=lambda d: first.setdefault("dpm", d["x"].clone()))
-    sample_ddim(gaussian_denoiser(p), x.clone(), p, clip_denoised=False,
-                callback=lambda d: first.setdefault("ddim", d["x"].clone()))
+    sample_dpmpp_2m(SamplingRun(gaussian_denoiser(p), clip_denoised=False, noise=NoNoise(),
+                                callback=lambda d: first.setdefault("dpm", d["x"].clone())), x.clone(), p)
+    sample_ddim(SamplingRun(gaussian_denoiser(p), clip_denoised=False,
+                            callback=lambda d: first.setdefault("ddim", d["x"].clone())), x.clone(), p)
     torch.testing.assert_close(first["dpm"], first["ddim"], atol=1e-6, rtol=1e-6)

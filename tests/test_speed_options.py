@@ -50,7 +50,7 @@ def measure(module: GuidedDiffusion) -> dict:
     labels, i = torch.arange(4), 2
     with torch.no_grad():
         pred = module._denoiser()(x, i, labels)
-    grad = ClassifierEval(module._classifier(), x, i, labels).grad_log_p_y
+    grad = ClassifierEval(module._noisy_classifier(), x, i, labels).grad_log_p_y
     return {"eps": pred.eps, "x0": module.process.x0_from_eps(x, i, pred.eps), "log_var": pred.log_var,
             "grad": grad, "sample": module.sample(labels, torch.arange(4))}
 

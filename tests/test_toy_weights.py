@@ -12,7 +12,7 @@ from tailgen.diffusion.adapters import ADMDenoiser
 from tailgen.diffusion.process import DiffusionProcess
 from tailgen.models.checkpoint import load_into, load_state_dict_file
 from tailgen.models.toy import create_toy_classifier, create_toy_denoiser
-from tailgen.sampling import sample
+from tailgen.sampling import SamplingRun, sample
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "tailgen" / "weights"
 
@@ -41,7 +41,7 @@ def test_toy_denoiser_unguided_rare_shares():
     n = 3000
     labels = torch.arange(n) % 3
     torch.manual_seed(0)
-    x = sample("ddpm", ADMDenoiser(net, process), torch.randn(n, 2), process, labels, clip_denoised=False)
+    x = sample("ddpm", SamplingRun(ADMDenoiser(net, process), clip_denoised=False), torch.randn(n, 2), process, labels)
     s = toy.mode_shares(x, labels)
     # truth (inside 3 sigma): rareA 6.9 %, rareB 3.0 %; the toy study's model gave 6.3 / 2.6 % at 20k samples.
     # Binomial std of the class-averaged share at n=3000: rareA 0.47 pp, rareB 0.31 pp; model bias allowed on top.
@@ -55,8 +55,8 @@ def test_toy_denoiser_null_label_is_unconditional():
     process = DiffusionProcess.from_flags(**{**info["diffusion"], "timestep_respacing": "50"})
     n = 1500
     torch.manual_seed(1)
-    x = sample("ddpm", ADMDenoiser(net, process), torch.randn(n, 2), process, torch.full((n,), 3),
-               clip_denoised=False)
+    x = sample("ddpm", SamplingRun(ADMDenoiser(net, process), clip_denoised=False), torch.randn(n, 2), process,
+               torch.full((n,), 3))
     modes = toy.assign_modes(x)
     on = modes != toy.OFF
     frac = torch.bincount(toy.MODE_CLASS[modes[on]], minlength=3).float() / on.sum()

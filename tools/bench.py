@@ -94,7 +94,7 @@ def reference_sampler(diffusion, net, clf, shape, labels, guided: bool):
 
 def bare_loop(module: GuidedDiffusion, shape, labels, steps: int, guided: bool):
     """The same network calls as one sampling run, with the same speed options, in a plain loop."""
-    denoiser, classifier = module._denoiser(), module._classifier()
+    denoiser, classifier = module._denoiser(), module._noisy_classifier()
     x = torch.randn(shape, device=labels.device)
 
     def run():

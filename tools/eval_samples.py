@@ -30,7 +30,7 @@ from tailgen.diffusion.noise import SeededNoise
 from tailgen.diffusion.process import DiffusionProcess
 from tailgen.models.presets import build_network
 from tailgen.module.train import ema_state_dict
-from tailgen.sampling import sample
+from tailgen.sampling import SamplingRun, sample
 
 
 def load_model(path: str) -> tuple[torch.nn.Module, dict]:
@@ -73,7 +73,7 @@ def generate(net, info, num, steps, batch, seed=0, label="cond", bf16=False, cli
         y_in = torch.full_like(y, int(info["null_label"])) if label == "null" else y
         noise = SeededNoise((seed + idx).tolist())
         x = noise.initial((len(idx), *shape))
-        xs.append(sample("ddpm", denoiser, x, process, y_in, noise=noise, clip_denoised=clip))
+        xs.append(sample("ddpm", SamplingRun(denoiser, noise=noise, clip_denoised=clip), x, process, y_in))
         ys.append(y)
         log(f"  {s + len(idx)}/{num} samples ({time.perf_counter() - t0:.0f} s)")
     return torch.cat(xs), torch.cat(ys)

@@ -17,31 +17,15 @@ import numpy as np
 import torch
 
 from tailgen.diffusion.schedules import get_named_beta_schedule, respace_betas, space_timesteps
+from tailgen.models.adm import DIFFUSION_DEFAULTS, NETWORK_FLAGS, SAMPLING_FLAGS
 from tailgen.utils.errors import ConfigError
 
 Index = int | torch.Tensor
 
-# guided-diffusion's diffusion flags and their defaults (script_util.diffusion_defaults + create_gaussian_diffusion).
-DIFFUSION_FLAGS = {
-    "diffusion_steps": 1000,
-    "learn_sigma": False,
-    "sigma_small": False,
-    "noise_schedule": "linear",
-    "use_kl": False,
-    "predict_xstart": False,
-    "rescale_timesteps": False,
-    "rescale_learned_sigmas": False,
-    "timestep_respacing": "",
-}
-# guided-diffusion's model / classifier / script flags: accepted by from_flags and ignored, so one pasted dict works.
-IGNORED_FLAGS = frozenset(
-    """image_size num_channels num_res_blocks num_heads num_heads_upsample num_head_channels attention_resolutions
-    channel_mult dropout class_cond use_checkpoint use_scale_shift_norm resblock_updown use_fp16
-    use_new_attention_order in_channels num_classes large_size small_size classifier_use_fp16 classifier_width
-    classifier_depth classifier_attention_resolutions classifier_use_scale_shift_norm classifier_resblock_updown
-    classifier_pool classifier_scale clip_denoised num_samples batch_size use_ddim model_path classifier_path
-    base_samples""".split()
-)
+# Flags of guided-diffusion's sampling scripts: accepted by from_flags and ignored, like every network flag, so one
+# pasted flag dict works. The diffusion flags and their defaults are defined once, in tailgen.models.adm.
+SCRIPT_FLAGS = frozenset("clip_denoised num_samples batch_size use_ddim model_path classifier_path base_samples".split())
+IGNORED_FLAGS = (NETWORK_FLAGS | SAMPLING_FLAGS | SCRIPT_FLAGS) - set(DIFFUSION_DEFAULTS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,13 +88,13 @@ class DiffusionProcess:
         Accepts ``diffusion_steps, learn_sigma, sigma_small, noise_schedule, use_kl, predict_xstart,
         rescale_timesteps, rescale_learned_sigmas, timestep_respacing`` with the reference defaults.
         """
-        unknown = sorted(set(flags) - set(DIFFUSION_FLAGS) - IGNORED_FLAGS)
+        unknown = sorted(set(flags) - set(DIFFUSION_DEFAULTS) - IGNORED_FLAGS)
         if unknown:
             raise ConfigError(
                 f"unknown diffusion flag(s) {', '.join(unknown)}: expected guided-diffusion names "
-                f"({', '.join(DIFFUSION_FLAGS)})"
+                f"({', '.join(DIFFUSION_DEFAULTS)})"
             )
-        f = {**DIFFUSION_FLAGS, **{k: v for k, v in flags.items() if k in DIFFUSION_FLAGS}}
+        f = {**DIFFUSION_DEFAULTS, **{k: v for k, v in flags.items() if k in DIFFUSION_DEFAULTS}}
         steps = f["diffusion_steps"]
         if isinstance(steps, str) and steps.strip().isdigit():
             steps = int(steps)

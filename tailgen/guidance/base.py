@@ -130,12 +130,12 @@ class StepContext:
     sampler: str
     denoiser: Callable[..., Any]  # (x, i, labels) -> diffusion.adapters.Prediction
     uncond: Optional[Callable[..., Any]] = None  # (x, i) -> Prediction of the unconditional model
-    classifier_net: Optional[Callable[[Tensor, int], Tensor]] = None  # (x, i) -> logits
+    noisy_classifier: Optional[Callable[[Tensor, int], Tensor]] = None  # (x, i) -> logits (NoisyClassifier)
     noise: Any = None  # diffusion.noise.NoiseSource
     pred: Optional[GuidedPrediction] = None
     terms: dict = field(default_factory=dict)  # guidance name -> [B] RMS of its term as a score (see module doc)
     network_term: Optional[Tensor] = None  # [B] RMS of the network's own score |eps| / sqrt(1 - abar)
-    _classifier: Optional[ClassifierEval] = field(default=None, repr=False)
+    _classifier_eval: Optional[ClassifierEval] = field(default=None, repr=False)
 
     @property
     def t(self) -> int:
@@ -150,18 +150,18 @@ class StepContext:
     def set_x(self, x: Tensor) -> None:
         """Replace x_t (H3); the classifier evaluation is recomputed at the new point when asked."""
         self.x = x
-        self._classifier = None
+        self._classifier_eval = None
 
-    def classifier(self) -> ClassifierEval:
-        """The step's shared classifier evaluation at x_t (computed once, on first use)."""
-        if self.classifier_net is None:
+    def classifier_eval(self) -> ClassifierEval:
+        """The step's shared evaluation of the noisy classifier at x_t (computed once, on first use)."""
+        if self.noisy_classifier is None:
             raise ConfigError(
                 "a classifier-based guidance is configured but no classifier is loaded: "
                 "set model.classifier (a preset and checkpoint) or remove that guidance"
             )
-        if self._classifier is None:
-            self._classifier = ClassifierEval(self.classifier_net, self.x, self.i, self.labels)
-        return self._classifier
+        if self._classifier_eval is None:
+            self._classifier_eval = ClassifierEval(self.noisy_classifier, self.x, self.i, self.labels)
+        return self._classifier_eval
 
 
 # ------------------------------------------------------------------------------------------------

@@ -179,11 +179,11 @@ class CalibratedTargetGuidance(LowDensityGuidance):
 
     def calibrate(self, ctx: StepContext) -> ConfidenceTable:
         """Build (or read from the cache) the table for the step's classifier; sets the quantile curve."""
-        if not isinstance(ctx.classifier_net, NoisyClassifier):
+        if not isinstance(ctx.noisy_classifier, NoisyClassifier):
             raise ConfigError(f"{type(self).__name__} needs the module's NoisyClassifier (set model.classifier)")
         images, labels = calibration_images(self.calibration_data, self.num_images, self.calibration_seed, ctx.x,
                                             self.data_root)
-        table = cached_confidence_table(ctx.classifier_net, images, labels, num_times=self.num_times,
+        table = cached_confidence_table(ctx.noisy_classifier, images, labels, num_times=self.num_times,
                                         seed=self.calibration_seed, cache_dir=self.cache_dir)
         self._curve = (table.timesteps.astype(np.float64), table.quantile(self.target_quantile, self.per_class))
         return table

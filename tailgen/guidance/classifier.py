@@ -45,7 +45,7 @@ class ClassifierGuidance(GradientGuidance):
     uses_classifier = True
 
     def direction(self, ctx: StepContext) -> Tensor:
-        return ctx.classifier().grad_log_p_y
+        return ctx.classifier_eval().grad_log_p_y
 
 
 class EntropyScaledClassifierGuidance(ClassifierGuidance):
@@ -66,5 +66,5 @@ class EntropyScaledClassifierGuidance(ClassifierGuidance):
 
     def sample_scale(self, ctx: StepContext) -> Optional[Tensor]:
         with torch.no_grad():
-            log_probs = ctx.classifier().log_probs.detach()
+            log_probs = ctx.classifier_eval().log_probs.detach()
             return math.log(log_probs.shape[-1]) / entropy(log_probs).clamp_min(self.min_entropy)

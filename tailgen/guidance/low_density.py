@@ -96,7 +96,7 @@ class LowDensityGuidance(GradientGuidance):
         return None
 
     def direction(self, ctx: StepContext) -> Tensor:
-        ev = ctx.classifier()
+        ev = ctx.classifier_eval()
         g_y = ev.grad_log_p_y
         if self.variant == "negative":
             return -g_y

@@ -111,12 +111,12 @@ class PredictedImageGradient(GradientGuidance):
         """J(x0) per sample [B] (differentiable)."""
         if self.objective == "norm":
             return -(x0 - x0.clamp(-1, 1)).pow(2).flatten(1).sum(1)
-        if ctx.classifier_net is None:
+        if ctx.noisy_classifier is None:
             raise ConfigError("PredictedImageGradient(objective='classifier_log_prob') needs a classifier: "
                               "set model.classifier or use objective='norm'")
         if ctx.labels is None:
             raise ConfigError("PredictedImageGradient(objective='classifier_log_prob') needs class labels")
-        log_probs = torch.log_softmax(ctx.classifier_net(x0, 0).float(), dim=-1)
+        log_probs = torch.log_softmax(ctx.noisy_classifier(x0, 0).float(), dim=-1)
         return log_probs[torch.arange(len(ctx.labels), device=ctx.labels.device), ctx.labels]
 
     def direction(self, ctx: StepContext) -> Tensor:

@@ -41,6 +41,7 @@ class GuidanceStack:
             classes = [type(g).__name__ for g in self.guidances]
             self.names = [c if classes.count(c) == 1 else f"{c}[{k}]" for k, c in enumerate(classes)]
         self._name_of = {id(g): name for name, g in zip(self.names, self.guidances)}
+        self._validated: set[tuple[str, bool, bool]] = set()  # setups (sampler, classifier?, uncond?) checked
 
     def name_of(self, guidance: Guidance) -> str:
         return self._name_of.get(id(guidance), type(guidance).__name__)
@@ -62,8 +63,16 @@ class GuidanceStack:
         return any(g.uses_classifier for g in self.guidances)
 
     def validate(self, *, sampler: str, has_classifier: bool, has_uncond: bool) -> None:
+        """ConfigError if a guidance cannot run with this sampler and these networks (noisy classifier,
+        unconditional model). Checked once per setup: ``GuidedDiffusion`` validates at construction and every
+        sampling run asks again, which is free for a setup already checked, so a stack that was never validated
+        (a direct sampler user's) still fails before the first step."""
+        setup = (sampler, bool(has_classifier), bool(has_uncond))
+        if setup in self._validated:
+            return
         for g in self.guidances:
             g.validate(sampler=sampler, has_classifier=has_classifier, has_uncond=has_uncond)
+        self._validated.add(setup)
 
     def _active(self, ctx: StepContext, hook: str):
         for g in self.guidances:

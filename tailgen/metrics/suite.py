@@ -3,7 +3,7 @@
 Usage (test loop)::
 
     suite = MetricSuite(["fid", "sfid", "is", "precision", "recall", "classwise", "tail"], InceptionFeatures(),
-                        reference, classifier=ClassifierFeatures(clean_net), num_classes=1000)
+                        reference, clean_classifier=ClassifierFeatures(clean_net), num_classes=1000)
     suite.update(images_uint8_nchw, labels)        # every rank, every batch
     values = suite.compute()                       # every rank (collective under DDP); same dict everywhere
     suite.reset()
@@ -54,7 +54,8 @@ class MetricSuite(nn.Module):
         extractor: provides ``pool`` (fid, kid, P/R/D/C, classwise), ``spatial`` (sfid), ``logits`` (is).
         reference: real features (+ labels for classwise, + optional precomputed stats). None: feed real
             images with `update_real` (then pass ``feature_dims`` for fid/sfid).
-        classifier: domain classifier for ``tail`` (its ``logits``); default: ``extractor``.
+        clean_classifier: the clean-image classifier whose ``logits`` on the samples judge ``tail`` (sample accuracy,
+            confidence); default: ``extractor``.
         num_classes: required for ``classwise`` and ``tail``.
         use_npz_stats: use the reference's precomputed (mu, sigma) (ADM's TF statistics) for fid/sfid even when
             reference features exist (without features they are used anyway).
@@ -66,7 +67,7 @@ class MetricSuite(nn.Module):
     """
 
     def __init__(self, metrics: Sequence[str], extractor: FeatureExtractor, reference: Reference | None = None, *,
-                 classifier: FeatureExtractor | None = None, num_classes: int | None = None, k_pr: int = 3,
+                 clean_classifier: FeatureExtractor | None = None, num_classes: int | None = None, k_pr: int = 3,
                  k_dc: int = 5, inclusive: bool = True, block_size: int = 4096, fid_method: str = "eigh",
                  is_splits: int = 10, kid_subsets: int = 100, kid_subset_size: int = 1000,
                  low_conf_threshold: float = 0.5, per_class: bool = True, use_npz_stats: bool = False,
@@ -79,7 +80,7 @@ class MetricSuite(nn.Module):
             raise ConfigError(f"unknown metric names {unknown}; choose from {', '.join(METRIC_NAMES)}")
         self.names = tuple(dict.fromkeys(names))
         object.__setattr__(self, "extractor", extractor)  # not a sub-module (see module docstring)
-        object.__setattr__(self, "classifier", classifier)
+        object.__setattr__(self, "clean_classifier", clean_classifier)
         self._check_provides(num_classes)
         ref = reference if reference is not None else Reference({})  # (a stats-only Reference has len 0)
         dims = {k: v.shape[1] for k, v in ref.features.items()}
@@ -145,14 +146,15 @@ class MetricSuite(nn.Module):
             if name in need and need[name] not in provides:
                 raise ConfigError(f"metric {name!r} needs '{need[name]}' features; "
                                   f"{type(self.extractor).__name__} provides {sorted(provides)}")
-        if "tail" in self.names and "logits" not in (self.classifier or self.extractor).provides:
-            raise ConfigError("metric 'tail' needs a classifier with logits (classifier=ClassifierFeatures(net))")
+        if "tail" in self.names and "logits" not in (self.clean_classifier or self.extractor).provides:
+            raise ConfigError("metric 'tail' needs a classifier with logits "
+                              "(clean_classifier=ClassifierFeatures(net))")
         if ("classwise" in self.names or "tail" in self.names) and not num_classes:
             raise ConfigError("'classwise' and 'tail' need num_classes")
 
     def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = to_uint8_nchw(images)
-        for ext in (self.extractor, self.classifier):
+        for ext in (self.extractor, self.clean_classifier):
             if ext is not None and ext.device != images.device:
                 ext.to(images.device)
         return self.extractor(images)
@@ -177,7 +179,7 @@ class MetricSuite(nn.Module):
             elif name == "classwise":
                 metric.update(feats["pool"], labels)
             elif name == "tail":
-                domain = feats if self.classifier is None else self.classifier(to_uint8_nchw(images))
+                domain = feats if self.clean_classifier is None else self.clean_classifier(to_uint8_nchw(images))
                 metric.update(domain["logits"], labels)
 
     def update_real(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:

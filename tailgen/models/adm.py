@@ -18,6 +18,10 @@ from tailgen.utils import ConfigError
 
 NUM_CLASSES = 1000
 
+# guided-diffusion's diffusion flags and their defaults (script_util.diffusion_defaults + create_gaussian_diffusion).
+# The one definition: `tailgen.diffusion.DiffusionProcess.from_flags` builds the process from them, the presets fill
+# each preset's diffusion dict with them and the builders below accept and ignore them. They live here, in the lowest
+# layer that needs them (models, 1): diffusion (2) may import from models, not the other way round.
 DIFFUSION_DEFAULTS = dict(
     learn_sigma=False,
     diffusion_steps=1000,
@@ -94,6 +98,11 @@ def superres_defaults() -> dict:
         defaults.pop(name)
     defaults.update(large_size=256, small_size=64, channel_mult="", use_new_attention_order=False)
     return defaults
+
+
+# Every flag a network builder takes (model, classifier, upsampler): what a pasted flag dict may hold besides the
+# diffusion flags (`DiffusionProcess.from_flags` accepts and ignores them).
+NETWORK_FLAGS = frozenset(model_defaults()) | frozenset(classifier_defaults()) | frozenset(superres_defaults())
 
 
 def _as_bool(name: str, value) -> bool:

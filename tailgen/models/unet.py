@@ -24,8 +24,11 @@ from tailgen.models.nn import (
 from tailgen.utils import ConfigError
 
 
-def check_labels(y: torch.Tensor | None, num_classes: int | None, batch_size: int) -> None:
-    """Labels are required iff the network is class-conditional, shape (B,), integer, in [0, num_classes)."""
+def check_labels(y, num_classes: int | None, batch_size: int | None = None, *,
+                 fix: str = "pass labels of the network's classes") -> None:
+    """The one label check (networks, ``GuidedDiffusion``, the sampling plan). Labels are required iff the network is
+    class-conditional; with ``batch_size`` they must be an integer tensor of shape (batch_size,); every label must lie
+    in 0..num_classes-1 (``y`` a tensor or array; ``fix`` ends the range message, e.g. "fix data.labels")."""
     if num_classes is None:
         if y is not None:
             raise ConfigError(
@@ -37,17 +40,17 @@ def check_labels(y: torch.Tensor | None, num_classes: int | None, batch_size: in
             f"this network is class-conditional (num_classes={num_classes}): pass integer labels y of shape "
             f"({batch_size},)"
         )
-    if y.shape != (batch_size,) or y.dtype.is_floating_point or y.dtype == torch.bool:
+    if batch_size is not None and (y.shape != (batch_size,) or y.dtype.is_floating_point or y.dtype == torch.bool):
         raise ConfigError(
             f"labels y must be an integer tensor of shape ({batch_size},), got {tuple(y.shape)} {y.dtype}"
         )
     # The range check reads the labels back (a graph break under torch.compile, a device sync on GPU); compiled
     # networks skip it: GuidedDiffusion checks the labels once per batch before sampling.
-    if batch_size and not torch.compiler.is_compiling() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ConfigError(
-            f"label out of range: labels must lie in [0, {num_classes - 1}] (num_classes={num_classes}), "
-            f"got min {int(y.min())}, max {int(y.max())}"
-        )
+    y = torch.as_tensor(y)
+    if y.numel() and not torch.compiler.is_compiling() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = int(y[(y < 0) | (y >= num_classes)].flatten()[0])
+        raise ConfigError(f"label {bad} is out of range: the model has num_classes={num_classes} "
+                          f"(classes 0..{num_classes - 1}); {fix}")
 
 
 def check_class_emb(class_emb: torch.Tensor, y: torch.Tensor | None, num_classes: int | None,

@@ -104,7 +104,7 @@ class Evaluation:
             extractor = InceptionFeatures(self.inception_weights, spatial="sfid" in self.metrics)
         else:
             extractor = clean
-        domain = MetricSuite.with_reference(metrics, extractor, classifier=clean,
+        domain = MetricSuite.with_reference(metrics, extractor, clean_classifier=clean,
                                             use_npz_stats=self.features == "inception", **options)
         if not self.spaces:
             return domain
@@ -112,7 +112,7 @@ class Evaluation:
         for name, spec in self.spaces.items():
             judge = ClassifierFeatures(spec.build(key=f"model.init_args.evaluation.spaces.{name}"), timestep=0,
                                        name=spec.preset)
-            suites[name] = MetricSuite.with_reference(metrics, judge, classifier=judge, **options)
+            suites[name] = MetricSuite.with_reference(metrics, judge, clean_classifier=judge, **options)
         return MultiSpaceSuite(suites)
 
     def evaluate(self, images, labels=None, *, num_classes: Optional[int] = None, batch_size: int = 250) -> dict[str, float]:

@@ -22,9 +22,10 @@ from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.models.spec import NetworkSpec
 from tailgen.models.speed import fast_network, prepare_network, resolve_autocast
+from tailgen.models.unet import check_labels
 from tailgen.module.evaluation import LABELLED_METRICS, Evaluation, as_floats, format_table, write_report
 from tailgen.module.sampling_data import sample_seed
-from tailgen.sampling import SAMPLERS
+from tailgen.sampling import SAMPLERS, SamplingRun
 from tailgen.sampling.sanity import SampleMonitor
 from tailgen.utils import ConfigError
 from tailgen.utils.images import class_grid, make_grid, save_png, to_uint8
@@ -175,18 +176,12 @@ class GuidedDiffusion(L.LightningModule):
         uncond = ADMDenoiser(self._fast_call("unconditional", self.uncond_net), self.process)
         return lambda x, i: uncond(x, i)
 
-    def _classifier(self) -> Optional[NoisyClassifier]:
+    def _noisy_classifier(self) -> Optional[NoisyClassifier]:
         if self.classifier_net is None:
             return None
         return NoisyClassifier(self._fast_call("classifier", self.classifier_net), self.process)
 
     # ------------------------------------------------------------------------------------------------ sampling
-
-    def check_labels(self, labels: Tensor) -> None:
-        if self.num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-            bad = int(labels[(labels < 0) | (labels >= self.num_classes)][0])
-            raise ConfigError(f"label {bad} is out of range: the model has {self.num_classes} classes "
-                              f"(0..{self.num_classes - 1}); fix data.labels")
 
     def sample(self, labels: Optional[Tensor], seeds: Optional[Tensor] = None, *, noise: Optional[NoiseSource] = None,
                callback: Optional[Callable[[dict], None]] = None) -> Tensor:
@@ -195,8 +190,8 @@ class GuidedDiffusion(L.LightningModule):
         recorded noise to replay). Returns float NCHW in [-1, 1]."""
         if self.net is None:
             raise ConfigError(NO_NETWORK)
-        if labels is not None:
-            self.check_labels(labels)
+        if labels is not None and self.num_classes is not None:  # unconditional: labels only count the samples
+            check_labels(labels, self.num_classes, fix="fix data.labels")  # the real classes, not a null label
         # Lightning may run predict/test under inference mode: leave it, so guidance gradients work.
         with torch.inference_mode(False), torch.no_grad():
             labels = labels.clone() if labels is not None else None
@@ -212,12 +207,13 @@ class GuidedDiffusion(L.LightningModule):
                 callback = (lambda info, user=callback: (hook({**info, "num_steps": steps}),
                                                           user is not None and user(info)))
             monitor = SampleMonitor(self.stack, callback)
-            x = SAMPLERS[self.sampler](
-                self._denoiser(), x.to(self.device), self.process, labels if self.num_classes is not None else None,
-                guidance=self.stack, noise=noise, classifier=self._classifier(), uncond=self._uncond(),
-                clip_denoised=self.clip_denoised, callback=monitor, progress=self.progress and hook is None,
-                **({"eta": self.eta} if self.sampler == "ddim" else {}),
-            )
+            run = SamplingRun(self._denoiser(), guidance=self.stack, noise=noise,
+                              noisy_classifier=self._noisy_classifier(), uncond=self._uncond(),
+                              clip_denoised=self.clip_denoised, callback=monitor,
+                              progress=self.progress and hook is None)
+            x = SAMPLERS[self.sampler](run, x.to(self.device), self.process,
+                                       labels if self.num_classes is not None else None,
+                                       **({"eta": self.eta} if self.sampler == "ddim" else {}))
             return monitor.check(x) if self.check_samples else x
 
     def generate(self, labels: Optional[Sequence[int] | Tensor] = None, seeds: Optional[Sequence[int] | Tensor] = None,
@@ -237,8 +233,8 @@ class GuidedDiffusion(L.LightningModule):
                  else torch.tensor([sample_seed(seed, k) for k in range(n)], dtype=torch.int64))
         if len(seeds) != n:
             raise ConfigError(f"generate() got {n} labels but {len(seeds)} seeds: give one seed per sample")
-        if labels is not None:
-            self.check_labels(labels)
+        if labels is not None and self.num_classes is not None:  # unconditional: labels only count the samples
+            check_labels(labels, self.num_classes, fix="fix data.labels")  # the real classes, not a null label
         was_training = self.training
         self.eval()
         try:

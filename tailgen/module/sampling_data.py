@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from tailgen.models.unet import check_labels
 from tailgen.utils import ConfigError
 
 # int before str: `--data.labels 3` on the command line is class 3, not the string "3".
@@ -46,10 +47,8 @@ def sample_labels(spec: LabelSpec, num_samples: int, num_classes: Optional[int],
     classes = np.atleast_1d(np.asarray(spec, dtype=np.int64))
     if classes.size == 0:
         raise ConfigError("labels is an empty list: give at least one class id")
-    if num_classes is not None and (classes.min() < 0 or classes.max() >= num_classes):
-        bad = classes[(classes < 0) | (classes >= num_classes)]
-        raise ConfigError(f"label {int(bad[0])} is out of range: the model has num_classes={num_classes} "
-                          f"(classes 0..{num_classes - 1}); fix data.labels")
+    if num_classes is not None:
+        check_labels(classes, num_classes, fix="fix data.labels")
     return classes[np.arange(num_samples) % classes.size]
 
 

@@ -6,13 +6,11 @@ import math
 
 import torch
 
-from tailgen.sampling.common import Callback, GuidanceArg, Loop
+from tailgen.sampling.run import SamplingRun
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser, x: torch.Tensor, process, labels: torch.Tensor | None = None, *,
-                    guidance: GuidanceArg = None, noise=None, clip_denoised: bool = True, callback: Callback = None,
-                    progress: bool = False, classifier=None, uncond=None, model_kwargs: dict | None = None,
+def sample_dpmpp_2m(run: SamplingRun, x: torch.Tensor, process, labels: torch.Tensor | None = None, *,
                     lower_order_final: bool = True) -> torch.Tensor:
     """Solve the probability-flow ODE over the kept discrete timesteps, in ``lambda = log(alpha / sigma)``
     (``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``):
@@ -27,13 +25,11 @@ def sample_dpmpp_2m(denoiser, x: torch.Tensor, process, labels: torch.Tensor | N
     (tests/test_sampling_solver.py measures both variants). x0_hat is the clipped, guided prediction of the
     shared routine (score-form gradients). Coefficients in float64, cast to float32. Draws no noise.
     """
-    loop = Loop("dpmpp_2m", denoiser, process, labels, guidance=guidance, noise=noise, classifier=classifier,
-                uncond=uncond, model_kwargs=model_kwargs, progress=progress)
     x0_prev, h_prev = None, None
-    for ctx in loop.steps(x):
+    for ctx in run.steps("dpmpp_2m", x, process, labels):
         i = ctx.i
         # Guided prediction: H3, network, H1, clipped x0_hat, score-form gradients, H4
-        pred = loop.stack.predict(ctx, clip_denoised)
+        pred = run.predict(ctx)
         if i == 0:
             # Final step to clean data: x_{-1} = x0_hat
             x = pred.x0
@@ -49,5 +45,6 @@ def sample_dpmpp_2m(denoiser, x: torch.Tensor, process, labels: torch.Tensor | N
             alpha_next = float(process.sqrt_alphas_cumprod[i - 1])
             x = (sig_next / sig) * pred.x - (alpha_next * math.expm1(-h)) * D
             x0_prev, h_prev = pred.x0, h
-        x = loop.finish_step(ctx, x, pred.x0, callback)
+        # H5, non-finite check, callback
+        x = run.finish(ctx, x, pred.x0)
     return x
