@@ -11,6 +11,7 @@ from tailgen.guidance.base import (
     max_normalized,
     schedule_weight,
 )
+from tailgen.guidance.bi_noising import BiNoising
 from tailgen.guidance.cads import CADS
 from tailgen.guidance.calibrated_target import CalibratedTargetGuidance
 from tailgen.guidance.classifier import ClassifierGuidance, EntropyScaledClassifierGuidance
@@ -23,6 +24,7 @@ from tailgen.guidance.stack import GuidanceStack
 from tailgen.guidance.self_guided_minority import SelfGuidedMinorityGuidance
 
 __all__ = [
+    "BiNoising",
     "CADS",
     "CalibratedTargetGuidance",
     "ClassifierEval",
