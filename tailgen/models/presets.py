@@ -119,6 +119,19 @@ _official(
     _LINEAR, timestep_respacing="250",
 )
 
+# tailgen's own 14x14 -> 28x28 Fashion-MNIST upsampler (a cascade's second stage): the fashion_diffusion torso on
+# [x, resized low_res]. Not trained yet: no weights ship, so it needs a checkpoint (or random_init for smoke tests).
+# A trained file exported as tailgen/weights/fashion_upsampler.{pt,json} replaces this entry (registered below).
+register_preset(
+    "fashion_upsampler", "upsampler",
+    dict(large_size=28, small_size=14, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
+         attention_resolutions="7", num_head_channels=32, learn_sigma=True, class_cond=True, num_classes=11,
+         dropout=0.0, use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True),
+    dict(diffusion_steps=1000, noise_schedule="cosine", learn_sigma=True),
+    sampling={"num_classes": 10, "null_label": 10},
+    untrained="no trained weights exist yet: train a 14x14 -> 28x28 upsampler on Fashion-MNIST first",
+)
+
 
 def get_preset(name: str) -> dict:
     """A deep copy of `PRESETS[name]`; unknown names raise ConfigError listing the presets."""

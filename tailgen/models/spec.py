@@ -16,6 +16,7 @@ from torch import nn
 
 from tailgen.models.adm import DIFFUSION_FLAGS
 from tailgen.models.checkpoint import load_checkpoint
+from tailgen.models.experts import ClassifierExperts, check_ranges, ppap_ranges
 from tailgen.models.presets import BUILDERS, PRESETS, build_network, get_preset
 from tailgen.utils import CheckpointError, ConfigError
 
@@ -88,7 +89,9 @@ class NetworkSpec:
             return
         what = f"preset {self.preset!r}" if self.preset else "a network given by flags only"
         where = ""
-        if self._preset and self._preset.get("url"):
+        if self._preset and self._preset.get("untrained"):
+            where = f" ({self._preset['untrained']})"
+        elif self._preset and self._preset.get("url"):
             where = f" (the file {self._preset.get('file', self.preset + '.pt')} is at {self._preset['url']})"
         raise ConfigError(
             f"{key}: {what} has no weights: set {key}.checkpoint to its weights file{where}; "
@@ -120,3 +123,53 @@ class NetworkSpec:
             f"NetworkSpec(preset={self.preset!r}, flags={self.flags!r}, checkpoint={self.checkpoint!r}, "
             f"kind={self.kind!r}" + (", random_init=True)" if self.random_init else ")")
         )
+
+
+class ExpertSpec(NetworkSpec):
+    """One PPAP classifier expert (``models/experts.py``): a `NetworkSpec` plus the timesteps it serves.
+
+    ``model.init_args.classifier`` takes a list of these instead of one spec::
+
+        classifier:
+          - {preset: fashion_clean_classifier, checkpoint: experts/e0.pt, t_range: [0, 499], fixed_t: 0}
+          - {preset: fashion_clean_classifier, checkpoint: experts/e1.pt, t_range: [500, 999], fixed_t: 0}
+
+    Args:
+        t_range: inclusive [lo, hi] of original timesteps this expert serves; leave it out on every expert for
+            PPAP's equal split of 0..T-1 (``experts.ppap_ranges``).
+        fixed_t: call this expert with this timestep whatever the sample's (0 for experts made from a clean
+            classifier, which PPAP feeds x only); None: the sample's timestep.
+        preset, flags, checkpoint, kind, prefix, random_init: as `NetworkSpec` (kind defaults to classifier).
+    """
+
+    def __init__(self, preset: str | None = None, flags: dict | None = None, checkpoint: str | None = None,
+                 kind: str = "classifier", prefix: str | None = None, random_init: bool = False,
+                 t_range: list[int] | None = None, fixed_t: int | None = None):
+        super().__init__(preset=preset, flags=flags, checkpoint=checkpoint, kind=kind, prefix=prefix,
+                         random_init=random_init)
+        if t_range is not None and (len(t_range) != 2 or not 0 <= t_range[0] <= t_range[1]):
+            raise ConfigError(f"an expert's t_range must be [lo, hi] with 0 <= lo <= hi, got {t_range}")
+        if fixed_t is not None and (isinstance(fixed_t, bool) or int(fixed_t) != fixed_t or fixed_t < 0):
+            raise ConfigError(f"an expert's fixed_t must be a non-negative integer or null, got {fixed_t!r}")
+        self.t_range = None if t_range is None else [int(t_range[0]), int(t_range[1])]
+        self.fixed_t = None if fixed_t is None else int(fixed_t)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", t_range={self.t_range!r}, fixed_t={self.fixed_t!r})"
+
+
+def build_experts(specs: list[NetworkSpec], num_timesteps: int, key: str = "model.init_args.classifier"):
+    """``ClassifierExperts`` from expert specs (plain `NetworkSpec`s count as experts without a range): every
+    spec's weights are checked before any loads; t_ranges on all specs or on none (PPAP's equal split)."""
+    ranges = [getattr(spec, "t_range", None) for spec in specs]
+    if all(r is None for r in ranges):
+        ranges = ppap_ranges(len(specs), num_timesteps)
+    elif any(r is None for r in ranges):
+        missing = [k for k, r in enumerate(ranges) if r is None]
+        raise ConfigError(f"{key}: give t_range on every expert or on none (PPAP's equal split); "
+                          f"expert(s) {missing} have none")
+    ranges = check_ranges(ranges, num_timesteps, key=f"{key} t_range")
+    for k, spec in enumerate(specs):
+        spec.check_weights(f"{key}.{k}")
+    nets = [spec.build(key=f"{key}.{k}") for k, spec in enumerate(specs)]
+    return ClassifierExperts(nets, ranges, [getattr(spec, "fixed_t", None) for spec in specs]).eval().requires_grad_(False)
