@@ -25,6 +25,7 @@ _EXPORTS = {
     # sampling (the LightningModule works as a plain nn.Module: no Trainer needed)
     "GuidedDiffusion": "tailgen.module.guided",
     "NetworkSpec": "tailgen.models.spec",
+    "ExpertSpec": "tailgen.models.spec",
     "SamplingDataModule": "tailgen.module.sampling_data",
     "sample_seed": "tailgen.module.sampling_data",
     # samplers without the LightningModule: sample("ddim", SamplingRun(ADMDenoiser(unet, process), ...), x, process)
@@ -45,6 +46,7 @@ _EXPORTS = {
     "LowDensityGuidance": "tailgen.guidance",
     "PredictedImagePull": "tailgen.guidance",
     "PredictedImageGradient": "tailgen.guidance",
+    "BiNoising": "tailgen.guidance",
     # evaluation and metrics
     "Evaluation": "tailgen.module.evaluation",
     "MetricSuite": "tailgen.metrics",

@@ -7,7 +7,7 @@ Lightning handles devices, DDP and precision; everything below this file is plai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -20,19 +20,25 @@ from tailgen.diffusion.adapters import ADMDenoiser, NoisyClassifier
 from tailgen.diffusion.noise import NoiseSource, SeededNoise
 from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
-from tailgen.models.spec import NetworkSpec
+from tailgen.models.spec import ExpertSpec, NetworkSpec, build_experts
 from tailgen.models.speed import fast_network, prepare_network, resolve_autocast
 from tailgen.models.unet import check_labels
 from tailgen.module.evaluation import LABELLED_METRICS, Evaluation, as_floats, format_table, write_report
-from tailgen.module.sampling_data import sample_seed
+from tailgen.module.sampling_data import NEEDS_LOW_RES, NOT_AN_UPSAMPLER, sample_seed
 from tailgen.sampling import SAMPLERS, SamplingRun
 from tailgen.sampling.sanity import SampleMonitor
 from tailgen.utils import ConfigError
-from tailgen.utils.images import class_grid, make_grid, save_png, to_uint8
+from tailgen.utils.images import class_grid, from_uint8, make_grid, save_png, to_uint8
 
 NO_NETWORK = ("model.init_args.network is not set: sampling needs a diffusion network (preset / flags / "
               "checkpoint); to evaluate existing samples run `tailgen test` with --data.init_args.samples FILE.npz")
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
+
+
+def _image_size(spec: NetworkSpec) -> Optional[int]:
+    """The resolution a network works at: ``image_size``, or an upsampler's output ``large_size``."""
+    flags = spec.flags_resolved
+    return flags.get("image_size", flags.get("large_size") if spec.kind == "upsampler" else None)
 
 
 class GuidedDiffusion(L.LightningModule):
@@ -40,8 +46,12 @@ class GuidedDiffusion(L.LightningModule):
 
     Args:
         network: the diffusion UNet (preset / flags / checkpoint); its preset supplies the diffusion flags. Not
-            needed (and not loaded: the CLI drops it) when ``tailgen test`` evaluates ``data.samples``.
-        classifier: noisy-image classifier p(y | x_t, t) for gradient guidances (ADM, low-density, ...).
+            needed (and not loaded: the CLI drops it) when ``tailgen test`` evaluates ``data.samples``. An
+            upsampler (kind ``upsampler``, e.g. ``64_256_upsampler``) samples conditioned on the low-resolution
+            images of ``data.low_res`` (a first stage's samples.npz), passed to the network as ``low_res``.
+        classifier: noisy-image classifier p(y | x_t, t) for gradient guidances (ADM, low-density, ...), or a list
+            of PPAP experts (``ExpertSpec``: a spec + ``t_range`` + ``fixed_t``), routed per sample by timestep
+            (``models/experts.py``); every classifier-based guidance takes either.
         unconditional: a separate unconditional model for classifier-free guidance (e.g. 256x256_diffusion_uncond).
         diffusion: guided-diffusion diffusion flags overriding the network's (e.g. ``{timestep_respacing: "250"}``).
         sampler: ``ddpm`` (ancestral, learned or fixed variance), ``ddim`` (``eta``) or ``dpmpp_2m``.
@@ -69,7 +79,7 @@ class GuidedDiffusion(L.LightningModule):
     def __init__(
         self,
         network: Optional[NetworkSpec] = None,
-        classifier: Optional[NetworkSpec] = None,
+        classifier: Optional[Union[NetworkSpec, list[ExpertSpec]]] = None,
         unconditional: Optional[NetworkSpec] = None,
         diffusion: Optional[dict[str, Any]] = None,
         sampler: SamplerName = "ddpm",
@@ -96,6 +106,7 @@ class GuidedDiffusion(L.LightningModule):
                                   "model.init_args.unconditional act on a diffusion network)")
             self.process, self.net, self.classifier_net, self.uncond_net = None, None, None, None
             self.num_classes, self.class_names, self.image_shape = num_classes, None, None
+            self.low_res_shape = None
         else:
             self._build_networks(network, classifier, unconditional, diffusion, num_classes)
         self.sampler, self.eta, self.clip_denoised, self.progress = sampler, eta, clip_denoised, progress
@@ -131,20 +142,29 @@ class GuidedDiffusion(L.LightningModule):
             self._fast[key] = fast_network(net, autocast=dtype, compile=self.compile_networks)
         return self._fast[key]
 
-    def _build_networks(self, network: NetworkSpec, classifier: Optional[NetworkSpec],
+    def _build_networks(self, network: NetworkSpec, classifier: Optional[NetworkSpec | list[ExpertSpec]],
                         unconditional: Optional[NetworkSpec], diffusion: Optional[dict], num_classes: Optional[int]):
         """The diffusion process and the frozen networks (weights and resolutions checked before any load)."""
         diffusion = dict(diffusion or {})
         if isinstance(diffusion.get("timestep_respacing"), int):  # `--model.diffusion.timestep_respacing=250`
             diffusion["timestep_respacing"] = str(diffusion["timestep_respacing"])
         self.process = DiffusionProcess.from_flags(**{**network.diffusion_flags, **diffusion})
-        specs = {"network": network, "classifier": classifier, "unconditional": unconditional}
-        size = network.flags_resolved.get("image_size")
+        experts = list(classifier) if isinstance(classifier, (list, tuple)) else (
+            [classifier] if isinstance(classifier, ExpertSpec) else None)
+        if experts is not None and self.process.rescale_timesteps:
+            raise ConfigError("model.init_args.classifier: expert t_ranges are original timesteps; a process with "
+                              "rescale_timesteps feeds rescaled ones: use one classifier")
+        specs = {"network": network, "unconditional": unconditional}
+        if experts is None:
+            specs["classifier"] = classifier
+        else:
+            specs.update({f"classifier.{k}": spec for k, spec in enumerate(experts)})
+        size = _image_size(network)
         for role, spec in specs.items():  # every network has weights and the model's resolution before any loads
             if spec is None:
                 continue
             spec.check_weights(f"model.init_args.{role}")
-            other = spec.flags_resolved.get("image_size")
+            other = _image_size(spec)
             if size is not None and other is not None and other != size:
                 raise ConfigError(
                     f"model.init_args.{role} is built for {other}x{other} images but the diffusion model "
@@ -152,7 +172,10 @@ class GuidedDiffusion(L.LightningModule):
                     f"(e.g. the {size}x{size}_classifier preset with {size}x{size}_diffusion)"
                 )
         self.net = network.build(key="model.init_args.network")
-        self.classifier_net = classifier.build(key="model.init_args.classifier") if classifier is not None else None
+        if experts is not None:  # PPAP experts: one module with the call signature of one classifier
+            self.classifier_net = build_experts(experts, self.process.num_timesteps)
+        else:
+            self.classifier_net = classifier.build(key="model.init_args.classifier") if classifier is not None else None
         self.uncond_net = unconditional.build(key="model.init_args.unconditional") if unconditional is not None else None
         flags = network.flags_resolved
         class_cond = flags.get("class_cond", network.kind == "toy_denoiser")
@@ -162,8 +185,11 @@ class GuidedDiffusion(L.LightningModule):
         # grid row labels: Fashion-MNIST's names for a fashion model's 10 classes, else the indices
         self.class_names: Optional[tuple[str, ...]] = (
             FASHION_CLASS_NAMES if self.num_classes == 10 and preset.startswith("fashion") else None)
-        self.image_shape = ((flags.get("in_channels", 3), flags["image_size"], flags["image_size"])
-                            if "image_size" in flags else (flags.get("in_dim", 2),))
+        self.image_shape = ((flags.get("in_channels", 3), size, size) if size is not None
+                            else (flags.get("in_dim", 2),))
+        # an upsampler's low-resolution input (C, h, w), None for other networks
+        self.low_res_shape: Optional[tuple[int, int, int]] = (
+            (flags.get("in_channels", 3), flags["small_size"], flags["small_size"]) if network.kind == "upsampler" else None)
 
     # ------------------------------------------------------------------------------------------------ adapters
 
@@ -183,15 +209,32 @@ class GuidedDiffusion(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ sampling
 
+    def check_low_res(self, low_res: Optional[Tensor], n: Optional[int]) -> dict:
+        """The network's extra inputs: ``{"low_res": ...}`` for an upsampler (float N x C x h x w in [-1, 1], one per
+        sample), else nothing; ConfigError when an upsampler has none or another network is given one."""
+        if self.low_res_shape is None:
+            if low_res is not None:
+                raise ConfigError(NOT_AN_UPSAMPLER)
+            return {}
+        if low_res is None:
+            raise ConfigError(NEEDS_LOW_RES)
+        if tuple(low_res.shape[1:]) != self.low_res_shape or (n is not None and len(low_res) != n):
+            raise ConfigError(f"the upsampler takes low_res of shape (N, {', '.join(map(str, self.low_res_shape))}) "
+                              f"with one image per sample, got {tuple(low_res.shape)} for {n} samples")
+        return {"low_res": low_res.to(self.device, torch.float32)}
+
     def sample(self, labels: Optional[Tensor], seeds: Optional[Tensor] = None, *, noise: Optional[NoiseSource] = None,
-               callback: Optional[Callable[[dict], None]] = None) -> Tensor:
+               callback: Optional[Callable[[dict], None]] = None, low_res: Optional[Tensor] = None) -> Tensor:
         """Sample one image per label (one batch): noise from per-sample ``seeds`` (default: those of
         ``tailgen predict`` with data seed 0, ``sample_seed(0, k)``), or an explicit ``noise`` source (e.g.
-        recorded noise to replay). Returns float NCHW in [-1, 1]."""
+        recorded noise to replay). An upsampler takes ``low_res`` (float N x C x h x w in [-1, 1]). Returns float
+        NCHW in [-1, 1]."""
         if self.net is None:
             raise ConfigError(NO_NETWORK)
         if labels is not None and self.num_classes is not None:  # unconditional: labels only count the samples
             check_labels(labels, self.num_classes, fix="fix data.labels")  # the real classes, not a null label
+        model_kwargs = self.check_low_res(low_res, len(labels) if labels is not None else
+                                          len(seeds) if seeds is not None else None)
         # Lightning may run predict/test under inference mode: leave it, so guidance gradients work.
         with torch.inference_mode(False), torch.no_grad():
             labels = labels.clone() if labels is not None else None
@@ -209,7 +252,7 @@ class GuidedDiffusion(L.LightningModule):
             monitor = SampleMonitor(self.stack, callback)
             run = SamplingRun(self._denoiser(), guidance=self.stack, noise=noise,
                               noisy_classifier=self._noisy_classifier(), uncond=self._uncond(),
-                              clip_denoised=self.clip_denoised, callback=monitor,
+                              model_kwargs=model_kwargs, clip_denoised=self.clip_denoised, callback=monitor,
                               progress=self.progress and hook is None)
             x = SAMPLERS[self.sampler](run, x.to(self.device), self.process,
                                        labels if self.num_classes is not None else None,
@@ -217,12 +260,13 @@ class GuidedDiffusion(L.LightningModule):
             return monitor.check(x) if self.check_samples else x
 
     def generate(self, labels: Optional[Sequence[int] | Tensor] = None, seeds: Optional[Sequence[int] | Tensor] = None,
-                 *, seed: int = 0, batch_size: int = 64) -> Tensor:
+                 *, seed: int = 0, batch_size: int = 64, low_res: Optional[np.ndarray | Tensor] = None) -> Tensor:
         """Python API: images for ``labels`` without a Trainer, in batches of ``batch_size``.
 
         ``seeds`` (one per sample) default to ``sample_seed(seed, k)``, the seeds ``tailgen predict --data.seed
         SEED`` gives sample k, so the same labels give the same images as the command line. An unconditional
-        model takes ``seeds`` alone (or labels, which then only count the samples). Returns uint8 N x H x W x C
+        model takes ``seeds`` alone (or labels, which then only count the samples). An upsampler takes ``low_res``:
+        uint8 N x h x w x C, e.g. a first stage's ``generate`` output. Returns uint8 N x H x W x C
         (guided-diffusion's sample layout) on the CPU.
         """
         if labels is None and seeds is None:
@@ -235,18 +279,26 @@ class GuidedDiffusion(L.LightningModule):
             raise ConfigError(f"generate() got {n} labels but {len(seeds)} seeds: give one seed per sample")
         if labels is not None and self.num_classes is not None:  # unconditional: labels only count the samples
             check_labels(labels, self.num_classes, fix="fix data.labels")  # the real classes, not a null label
+        if low_res is not None:
+            low_res = torch.as_tensor(low_res)
+            if low_res.dtype != torch.uint8 or low_res.dim() != 4:
+                raise ConfigError(f"generate(low_res=...) takes uint8 N x h x w x C images (a first stage's samples), "
+                                  f"got {low_res.dtype} {tuple(low_res.shape)}")
+            low_res = from_uint8(low_res)
+        self.check_low_res(low_res, n)
         was_training = self.training
         self.eval()
         try:
             chunks = [to_uint8(self.sample(None if labels is None else labels[k:k + batch_size].to(self.device),
-                                           seeds[k:k + batch_size])).cpu()
+                                           seeds[k:k + batch_size],
+                                           low_res=None if low_res is None else low_res[k:k + batch_size])).cpu()
                       for k in range(0, n, batch_size)]
         finally:
             self.train(was_training)
         return torch.cat(chunks)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict[str, Tensor]:
-        images = self.sample(batch["label"], batch["seed"])
+        images = self.sample(batch["label"], batch["seed"], low_res=batch.get("low_res"))
         return {"images": to_uint8(images).cpu(), "labels": batch["label"].cpu(), "seeds": batch["seed"].cpu(),
                 "indices": batch["index"].cpu()}
 
@@ -290,7 +342,7 @@ class GuidedDiffusion(L.LightningModule):
         if "images" in batch:  # evaluating an existing samples.npz
             images = batch["images"]
         else:
-            images = to_uint8(self.sample(batch["label"], batch["seed"]))
+            images = to_uint8(self.sample(batch["label"], batch["seed"], low_res=batch.get("low_res")))
         labels = batch["label"] if (batch["label"] >= 0).all() else None
         self.suite.update(images.permute(0, 3, 1, 2), labels)
         self._keep_for_grid(images.cpu().numpy(), batch["label"].cpu().numpy())

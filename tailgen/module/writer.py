@@ -8,8 +8,9 @@ The config hash identifies what the samples are, not how they were computed. It 
 (network preset / flags, classifier, unconditional model, diffusion flags, sampler, eta, clip_denoised, guidances
 and their arguments, num_classes; checkpoint *paths* are replaced by the weights' content), the SHA-256 of every
 weight the module holds, ``trainer.precision``, and the labels and seeds of all N samples (so num_samples, labels,
-seed and num_classes). Left out: batch size, device count and strategy (a sample's batch is fixed by the run's
-batch plan, see ``sampling_data``), accelerator, progress bars, ``evaluation`` and the output folder.
+seed and num_classes); for a cascade's second stage also the content of the low-resolution input images. Left out:
+batch size, device count and strategy (a sample's batch is fixed by the run's batch plan, see ``sampling_data``),
+accelerator, progress bars, ``evaluation`` and the output folder.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class SampleWriter(BasePredictionWriter):
         """What the config hash covers (see the module docstring)."""
         return {"format": 1, "model": model_config(pl_module, self.run_config), "weights": weights_digest(pl_module),
                 "precision": str(trainer.precision), "num_samples": len(plan["labels"]),
-                "labels_and_seeds": array_digest(plan["labels"], plan["seeds"])}
+                "labels_and_seeds": array_digest(plan["labels"], plan["seeds"]),
+                **({"low_res": plan["low_res"]} if "low_res" in plan else {})}  # a cascade's input images
 
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, plan: dict[str, np.ndarray]) -> dict:
         """Rank 0: check the folder, claim it for this config, find the verified shards. Nothing is sampled yet."""
@@ -214,7 +216,8 @@ class SampleWriter(BasePredictionWriter):
             "indices": [0, len(plan["labels"]) - 1],
             "base_seed": getattr(datamodule, "seed", None),
             "labels": getattr(datamodule, "labels", None),
-            "seeds": "per sample in samples.npz['seeds'] (sample_seed(base_seed, index))",
+            "seeds": "per sample in samples.npz['seeds'] ("
+                     + ("cascade_seed" if getattr(datamodule, "low_res", None) else "sample_seed") + "(base_seed, index))",
             "samples_sha256": file_digest(samples_path),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"tailgen": tailgen.__version__, "torch": torch.__version__, "lightning": L.__version__,
