@@ -18,7 +18,7 @@ from typing import Optional
 
 import lightning as L
 import yaml
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -28,12 +28,35 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 import tailgen
 import tailgen.guidance  # noqa: F401  (registers guidance classes for short class_path names)
 from tailgen.module.progress import SampleProgressBar
+from tailgen.module.run_folder import claim_logger_version, config_name, run_folder, run_name
 from tailgen.module.writer import SampleWriter
 from tailgen.utils import ConfigError, TailgenError
+from tailgen.utils.io import atomic_write
 
 
 class LogConfigCallback(SaveConfigCallback):
-    """Saves config.yaml into the log dir and, on W&B, the whole resolved config (rank 0 only)."""
+    """Saves the resolved config.yaml into the run's own folder and, on W&B, the whole resolved config (rank 0).
+
+    predict: the writer writes it into writer.output_dir, once the folder is known to be this config's (it may
+    refuse the folder); test: beside metrics.json (``module/run_folder.py``; ``test_config.yaml`` when that is a
+    predict's output folder); fit: Lightning's place (the log dir)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage not in ("predict", "test"):
+            return super().setup(trainer, pl_module, stage)
+        if self.already_saved:
+            return
+        folder = None
+        if stage == "test":  # every rank: the run folder is decided (and broadcast) here
+            has_output = getattr(pl_module, "evaluation", None) is not None and hasattr(pl_module, "metrics_path")
+            folder = pl_module.metrics_path().parent if has_output else run_folder(trainer)
+        if trainer.is_global_zero:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                text = self.parser.dump(self.config, skip_none=False)
+                atomic_write(folder / config_name(folder, stage), lambda tmp: tmp.write_text(text))
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = True
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if isinstance(trainer.logger, WandbLogger):
@@ -66,6 +89,40 @@ def check_guidance_names(args: list[str], guidances) -> None:
         )
 
 
+def config_files(args: list[str]) -> list[str]:
+    """The ``--config`` values of a command line, in order."""
+    files = []
+    for k, arg in enumerate(args):
+        if arg == "--config" and k + 1 < len(args):
+            files.append(args[k + 1])
+        elif arg.startswith("--config="):
+            files.append(arg[len("--config="):])
+    return files
+
+
+_LOGGER_NAME_ARG = re.compile(r"--trainer\.logger\.(?:init_args\.)?name(?:=|$)")
+
+
+def wandb_name_given(args: list[str]) -> bool:
+    """True if the command line names the W&B run: ``--trainer.logger[.init_args].name``, or a ``--config`` file
+    whose ``trainer.logger`` is a WandbLogger with a name. A name that jsonargparse carried over from another logger
+    class (eval.yaml's CSVLogger ``name: fashion_test``) is not one given for W&B."""
+    if any(_LOGGER_NAME_ARG.match(arg) for arg in args):
+        return True
+    if any(arg.startswith("--trainer.logger=") and re.search(r"\bname\W*[:=]", arg) for arg in args):
+        return True  # the logger as one inline YAML / JSON value
+    for path in config_files(args):
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue
+        logger = (data.get("trainer") or {}).get("logger") if isinstance(data, dict) else None
+        if isinstance(logger, dict) and "Wandb" in str(logger.get("class_path")) and (logger.get("init_args") or {}).get("name"):
+            return True
+    return False
+
+
 class TailgenCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         self.raw_args = list(sys.argv[1:] if kwargs.get("args") is None else kwargs["args"])
@@ -82,6 +139,22 @@ class TailgenCLI(LightningCLI):
                 # evaluating existing samples: no diffusion network (nor classifier / guidances) is built or loaded
                 for key in ("network", "classifier", "unconditional", "guidances"):
                     model.init_args[key] = None
+        self._name_wandb_run(config)
+
+    def _name_wandb_run(self, config) -> None:
+        """A W&B run not named on the command line gets ``<config stem>-<guidances>-<time>`` (``run_name``)."""
+        trainer = config.get("trainer") or {}
+        logger = trainer.get("logger") if hasattr(trainer, "get") else None
+        if not hasattr(logger, "get") or "Wandb" not in str(logger.get("class_path")) or wandb_name_given(self.raw_args):
+            return
+        files = [f for f in config_files(self.raw_args) if os.path.isfile(f)]
+        stem = Path(files[0]).stem if files else "tailgen"
+        model, data = config.get("model") or {}, config.get("data") or {}
+        guidances = (model.get("init_args") or {}).get("guidances") if hasattr(model, "get") else None
+        samples = (data.get("init_args") or {}).get("samples") if hasattr(data, "get") else None
+        if logger.get("init_args") is None:
+            logger.init_args = Namespace()
+        logger.init_args.name = run_name(stem, guidances, samples)
 
     def init_parser(self, **kwargs):
         parser = super().init_parser(**kwargs)
@@ -124,12 +197,16 @@ class TailgenCLI(LightningCLI):
             kwargs["return_predictions"] = False
         return kwargs
 
-    def before_predict(self) -> None:
-        # The writer hashes the resolved config into samples.json (resume / refuse another config's folder).
-        config = yaml.safe_load(self._parser("predict").dump(self.config["predict"], skip_none=False))
+    def _give_writer_the_config(self) -> None:
+        # The writer hashes the resolved config into samples.json (resume / refuse another config's folder) and
+        # writes it as config.yaml beside the samples.
+        text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
         for callback in self.trainer.callbacks:
             if isinstance(callback, SampleWriter):
-                callback.run_config = config
+                callback.run_config, callback.config_text = yaml.safe_load(text), text
+        claim_logger_version(self.trainer)  # a CSV logger's version_N: claimed, not raced for
+
+    before_predict = before_test = _give_writer_the_config
 
 
 def _tailgen_error(exc: BaseException) -> Optional[TailgenError]:
@@ -195,13 +272,7 @@ def condense_parser_error(message: str) -> str:
 def check_config_files(args: list[str]) -> None:
     """ConfigError for a ``--config`` file that is missing or not valid YAML, with file, line and column
     (jsonargparse reports only the parser's complaint)."""
-    for k, arg in enumerate(args):
-        if arg == "--config" and k + 1 < len(args):
-            path = args[k + 1]
-        elif arg.startswith("--config="):
-            path = arg[len("--config="):]
-        else:
-            continue
+    for path in config_files(args):
         if not os.path.isfile(path) and any(c in path for c in ":{\n"):
             continue  # jsonargparse also takes inline YAML / JSON as --config
         if not os.path.isfile(path):

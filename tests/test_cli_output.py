@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cli_processes import run_all
+from cli_processes import run_all, the_one
 from test_cli_errors import new_kit
 
 NOISE = ("Tip:", "litlogger", "litmodels", "LeafSpec", "Test metric", "DataLoader 0", "Predicting")
@@ -74,8 +74,8 @@ def test_error_starts_its_own_line(tmp_path, runs):
 def test_test_writes_a_class_grid_beside_metrics(runs):
     from PIL import Image
 
-    folder = runs["_kit"].parent / "test"
-    assert (folder / "metrics.json").is_file()
+    folder = the_one(runs["_kit"].parent / "test").parent  # the run's own folder: ./version_0 (no logger)
+    assert folder.name == "version_0"
     grid = np.asarray(Image.open(folder / "grid.png"))
     assert grid.shape[0] == 6 * (16 + 2) - 2  # 6 balanced samples (label k mod 10): six labelled rows
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_processes import run_all
+from cli_processes import found, run_all, the_one
 from test_cli_errors import new_kit
 from test_metrics_suite import PixelFeatures, _data
 
@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
 
 
 def _metrics(folder: Path) -> dict:
-    return json.loads((folder / "metrics.json").read_text())
+    return json.loads(the_one(folder).read_text())
 
 
 def test_samples_need_no_diffusion_network(runs):
@@ -48,7 +48,7 @@ def test_samples_need_no_diffusion_network(runs):
     values = _metrics(folder)
     assert values["fid"] is not None and values["fid"] > 0
     assert "classwise/num_classes" in values
-    assert (folder / "grid.png").is_file()
+    assert (the_one(folder).parent / "grid.png").is_file()
 
 
 def test_unlabelled_samples_get_the_metrics_that_need_no_labels(runs):
@@ -69,7 +69,7 @@ def _error_line(stderr: str) -> str:
 def test_only_labelled_metrics_on_unlabelled_samples_is_an_error(runs):
     rc, _, stderr, folder = runs["only_labelled_metrics"]
     assert rc == 2 and "Traceback" not in stderr, stderr
-    assert "no labels" in _error_line(stderr) and not (folder / "metrics.json").exists()
+    assert "no labels" in _error_line(stderr) and not found(folder)
 
 
 def test_statistics_of_another_dimension_are_one_clear_error(runs):
@@ -77,7 +77,7 @@ def test_statistics_of_another_dimension_are_one_clear_error(runs):
     assert rc == 2 and "Traceback" not in stderr, stderr
     line = _error_line(stderr)
     assert "2048-d" in line and "evaluation.features=inception" in line, line
-    assert not (folder / "metrics.json").exists()
+    assert not found(folder)
 
 
 def test_predict_without_network_is_a_clear_error(tmp_path):

@@ -42,7 +42,11 @@ class Evaluation:
         max_reference: use only the first N reference images (None: all).
         inception_weights: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (default: torch hub cache).
         cache_dir: where reference features are cached (keyed by content hash and extractor).
-        output: where the metrics JSON is written (relative paths go under the trainer's log dir).
+        output: where the metrics JSON is written; a relative path goes under the run's own folder (the logger's
+            version folder, ``<W&B save_dir>/<run name>/<run id>``, or ``default_root_dir/version_N``: see
+            ``module/run_folder.py``), so runs never overwrite each other's; config.yaml and grid.png go beside it.
+        keep_samples: ``tailgen test`` also writes the sampled images beside the metrics (samples.npz +
+            samples.json, as ``tailgen predict``); ignored when evaluating ``data.samples``.
         low_conf_threshold: a sample is "low confidence" when the clean classifier's p(y|x) is below this.
         spaces: more feature spaces, ``{name: classifier network}``: every metric is computed again in each
             network's penultimate features (``tail`` with its own logits), from the same samples, against the same
@@ -56,13 +60,13 @@ class Evaluation:
                  max_reference: Optional[int] = None, inception_weights: Optional[str] = None,
                  cache_dir: Optional[str] = str(DEFAULT_CACHE_DIR), output: str = "metrics.json",
                  low_conf_threshold: float = 0.5, spaces: Optional[dict[str, NetworkSpec]] = None,
-                 tail_fraction: float = 0.2):
+                 tail_fraction: float = 0.2, keep_samples: bool = False):
         if features == "classifier" and feature_network is None:
             raise ConfigError("evaluation.features=classifier needs evaluation.feature_network (a clean classifier)")
         self.metrics, self.features, self.feature_network = list(metrics), features, feature_network
         self.reference, self.max_reference, self.inception_weights = reference, max_reference, inception_weights
         self.cache_dir, self.output, self.low_conf_threshold = cache_dir, output, low_conf_threshold
-        self.spaces, self.tail_fraction = dict(spaces or {}), tail_fraction
+        self.spaces, self.tail_fraction, self.keep_samples = dict(spaces or {}), tail_fraction, keep_samples
         bad = [name for name in self.spaces if not name or "/" in name]
         if bad:
             raise ConfigError(f"evaluation.spaces names must be non-empty and without '/': {bad}")

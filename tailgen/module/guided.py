@@ -24,11 +24,24 @@ from tailgen.models.spec import ExpertSpec, NetworkSpec, build_experts
 from tailgen.models.speed import fast_network, prepare_network, resolve_autocast
 from tailgen.models.unet import check_labels
 from tailgen.module.evaluation import LABELLED_METRICS, Evaluation, as_floats, format_table, write_report
+from tailgen.module.run_folder import output_path
 from tailgen.module.sampling_data import NEEDS_LOW_RES, NOT_AN_UPSAMPLER, sample_seed
 from tailgen.sampling import SAMPLERS, SamplingRun
 from tailgen.sampling.sanity import SampleMonitor
 from tailgen.utils import ConfigError
 from tailgen.utils.images import class_grid, from_uint8, make_grid, save_png, to_uint8
+
+
+def guidance_configs(guidances: dict[str, Guidance]) -> dict[str, dict]:
+    """``{name: {class_path, init_args}}`` of guidance objects (their public attributes; JSON-able values, others
+    as repr): what the CLI's config holds, for hparams.yaml / W&B when the module is built in Python."""
+    def plain(value):
+        return value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+
+    return {name: {"class_path": f"{type(g).__module__}.{type(g).__qualname__}",
+                   "init_args": {k: plain(v) for k, v in vars(g).items() if not k.startswith("_")}}
+            for name, g in guidances.items()}
+
 
 NO_NETWORK = ("model.init_args.network is not set: sampling needs a diffusion network (preset / flags / "
               "checkpoint); to evaluate existing samples run `tailgen test` with --data.init_args.samples FILE.npz")
@@ -99,7 +112,10 @@ class GuidedDiffusion(L.LightningModule):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-        self.save_hyperparameters(ignore=["guidances", "evaluation"])
+        self.save_hyperparameters(ignore=["evaluation"])  # guidances included (hparams.yaml, W&B config)
+        if any(isinstance(g, Guidance) for g in (guidances or {}).values()):  # Python API: objects, not config
+            self.hparams["guidances"] = guidance_configs(guidances)
+            self._hparams_initial["guidances"] = guidance_configs(guidances)  # what loggers record
         if network is None:  # evaluating existing samples only
             if classifier is not None or unconditional is not None or guidances:
                 raise ConfigError(NO_NETWORK + " (guidances, model.init_args.classifier and "
@@ -299,7 +315,11 @@ class GuidedDiffusion(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict[str, Tensor]:
         images = self.sample(batch["label"], batch["seed"], low_res=batch.get("low_res"))
-        return {"images": to_uint8(images).cpu(), "labels": batch["label"].cpu(), "seeds": batch["seed"].cpu(),
+        return self._sampled(batch, to_uint8(images))
+
+    @staticmethod
+    def _sampled(batch: dict[str, Tensor], images: Tensor) -> dict[str, Tensor]:
+        return {"images": images.cpu(), "labels": batch["label"].cpu(), "seeds": batch["seed"].cpu(),
                 "indices": batch["index"].cpu()}
 
     # ------------------------------------------------------------------------------------------------ evaluation
@@ -313,6 +333,7 @@ class GuidedDiffusion(L.LightningModule):
             if self.evaluation is None:
                 raise ConfigError("tailgen test needs model.evaluation (metrics, features, reference): "
                                   "add e.g. --config configs/fashion/eval.yaml")
+            self.metrics_path()  # every rank: the run folder is decided (and broadcast) now
             sample_shape = getattr(dataset, "image_shape", None)  # an existing samples.npz, else what we sample
             if sample_shape is None and len(self.image_shape) == 3:
                 sample_shape = (self.image_shape[1], self.image_shape[2], self.image_shape[0])
@@ -338,14 +359,21 @@ class GuidedDiffusion(L.LightningModule):
         if self.num_classes == 10 and spec is not None and (spec.preset or "").startswith("fashion"):
             self.class_names = FASHION_CLASS_NAMES
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> None:
-        if "images" in batch:  # evaluating an existing samples.npz
-            images = batch["images"]
-        else:
-            images = to_uint8(self.sample(batch["label"], batch["seed"], low_res=batch.get("low_res")))
+    def metrics_path(self) -> Path:
+        """Where ``tailgen test`` writes metrics.json: ``evaluation.output`` if absolute, else under this run's own
+        folder (``module/run_folder.py``); grid.png, config.yaml and kept samples go beside it."""
+        return output_path(self.trainer, self.evaluation.output)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> Optional[dict[str, Tensor]]:
+        """Updates the metrics; returns the sampled batch (as predict_step) for the writer's
+        ``evaluation.keep_samples``, nothing for images read from data.samples."""
+        sampled = "images" not in batch
+        images = (to_uint8(self.sample(batch["label"], batch["seed"], low_res=batch.get("low_res"))) if sampled
+                  else batch["images"])
         labels = batch["label"] if (batch["label"] >= 0).all() else None
         self.suite.update(images.permute(0, 3, 1, 2), labels)
         self._keep_for_grid(images.cpu().numpy(), batch["label"].cpu().numpy())
+        return self._sampled(batch, images) if sampled else None
 
     GRID_PER_CLASS = 10
 
@@ -375,9 +403,7 @@ class GuidedDiffusion(L.LightningModule):
         values = as_floats(self.suite.compute())  # synchronised across ranks: same values everywhere
         self.log_dict(values, sync_dist=False)
         if self.trainer.is_global_zero:
-            out = Path(self.evaluation.output)
-            if not out.is_absolute():
-                out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / out
+            out = self.metrics_path()
             write_report(values, out)
             grid = self._test_grid()
             if grid is not None:

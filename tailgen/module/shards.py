@@ -6,6 +6,7 @@
         samples.npz                     finished: all N samples in index order (guided-diffusion layout)
         samples.json                    finished: provenance (config hash + resolved config, versions, seeds, sha256)
         grid.png
+        config.yaml                     the resolved config of the run that claimed the folder (tailgen predict)
 
 A shard counts as done only if it verifies: it loads, its ``config_hash`` is this run's, its ``digest`` (SHA-256 of
 the arrays, recorded at write time) matches, and its indices / labels / seeds are those the run's plan gives for
@@ -29,26 +30,26 @@ from tailgen.utils import ConfigError
 from tailgen.utils.io import array_digest, atomic_write, file_digest
 
 ARRAYS = ("images", "labels", "seeds", "indices")
-RUN_FILE, SAMPLES, PROVENANCE, GRID = "run.json", "samples.npz", "samples.json", "grid.png"
+RUN_FILE, SAMPLES, PROVENANCE, GRID, CONFIG = "run.json", "samples.npz", "samples.json", "grid.png", "config.yaml"
 
 
 def short(config_hash: str) -> str:
     return config_hash[:12]
 
 
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` and write a probe file in it; one clear ConfigError if that is impossible."""
+def check_writable(folder: Path, key: str = "writer.output_dir") -> None:
+    """Create ``folder`` and write a probe file in it; one clear ConfigError (naming ``key``) if that is impossible."""
     blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise ConfigError(f"writer.output_dir {folder} cannot be created: {blocker} is a file, not a folder; "
-                          "choose another --writer.output_dir")
+        raise ConfigError(f"{key} {folder} cannot be created: {blocker} is a file, not a folder; "
+                          f"choose another --{key}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder) as probe:
             probe.write(b"ok")
     except OSError as exc:
-        raise ConfigError(f"writer.output_dir {folder} is not writable ({exc.strerror or exc}); "
-                          "choose another --writer.output_dir") from None
+        raise ConfigError(f"{key} {folder} is not writable ({exc.strerror or exc}); "
+                          f"choose another --{key}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- shards
@@ -119,7 +120,7 @@ def scan_shards(shard_dir: Path, config_hash: str, plan: dict[str, np.ndarray], 
 # ---------------------------------------------------------------------------------------------------- folder
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def read_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -131,41 +132,41 @@ def folder_claims(output_dir: Path) -> list[tuple[str, Optional[str]]]:
     claims = []
     shard_dir = output_dir / "shards"
     if (output_dir / PROVENANCE).exists():
-        claims.append((PROVENANCE, (_read_json(output_dir / PROVENANCE) or {}).get("config_hash")))
+        claims.append((PROVENANCE, (read_json(output_dir / PROVENANCE) or {}).get("config_hash")))
     elif (output_dir / SAMPLES).exists() and not (shard_dir / RUN_FILE).exists():  # else: a merge cut short
         claims.append((f"{SAMPLES} without {PROVENANCE}", None))
     if (shard_dir / RUN_FILE).exists():
-        claims.append((f"shards/{RUN_FILE}", (_read_json(shard_dir / RUN_FILE) or {}).get("config_hash")))
+        claims.append((f"shards/{RUN_FILE}", (read_json(shard_dir / RUN_FILE) or {}).get("config_hash")))
     elif shard_dir.is_dir() and any(shard_dir.glob("*.npz")):
         claims.append((f"shards without {RUN_FILE}", None))
     return claims
 
 
-def refuse_foreign(output_dir: Path, config_hash: str) -> None:
+def refuse_foreign(output_dir: Path, config_hash: str, key: str = "writer.output_dir") -> None:
     """ConfigError if ``output_dir`` holds samples or shards of another (or an unknown) configuration."""
     foreign = [(what, h) for what, h in folder_claims(output_dir) if h != config_hash]
     if foreign:
         what, other = foreign[0]
         made_by = f"config {short(other)}" if other else "an unknown config"
         raise ConfigError(
-            f"writer.output_dir {output_dir} holds samples of another configuration ({what}: {made_by}; this run: "
+            f"{key} {output_dir} holds samples of another configuration ({what}: {made_by}; this run: "
             f"config {short(config_hash)}): pass --writer.overwrite=true to replace them, or choose another "
-            "--writer.output_dir")
+            f"--{key}")
 
 
 def clear_outputs(output_dir: Path) -> None:
-    """Remove what tailgen wrote in ``output_dir`` (shards, samples, provenance, grid); nothing else."""
+    """Remove what tailgen wrote in ``output_dir`` (shards, samples, provenance, grid, config); nothing else."""
     shutil.rmtree(output_dir / "shards", ignore_errors=True)
-    for name in (SAMPLES, PROVENANCE, GRID):
+    for name in (SAMPLES, PROVENANCE, GRID, CONFIG):
         (output_dir / name).unlink(missing_ok=True)
-    for name in (SAMPLES, PROVENANCE, GRID):  # temporaries of an interrupted atomic write
+    for name in (SAMPLES, PROVENANCE, GRID, CONFIG):  # temporaries of an interrupted atomic write
         for tmp in output_dir.glob(f".{name}.*"):
             tmp.unlink(missing_ok=True)
 
 
 def finished(output_dir: Path, config_hash: str) -> bool:
     """True if samples.npz is this config's, complete and unchanged (its SHA-256 is the one samples.json records)."""
-    record = _read_json(output_dir / PROVENANCE)
+    record = read_json(output_dir / PROVENANCE)
     samples = output_dir / SAMPLES
     return bool(record and record.get("config_hash") == config_hash and samples.is_file()
                 and record.get("samples_sha256") == file_digest(samples))

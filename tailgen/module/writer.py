@@ -1,4 +1,5 @@
-"""Writes predicted samples: one verified shard per batch, then ``samples.npz`` + ``samples.json`` + ``grid.png``.
+"""Writes predicted samples: one verified shard per batch, then ``samples.npz`` + ``samples.json`` + ``grid.png``,
+beside ``config.yaml`` (the run's resolved config, written once the folder is this config's).
 
 ``samples.npz`` follows guided-diffusion's format (``arr_0`` uint8 N×H×W×C, ``arr_1`` int64 labels) so ADM's
 evaluator reads it; ``seeds`` and ``indices`` are stored beside them. Rerunning the same command resumes: every
@@ -11,6 +12,10 @@ weight the module holds, ``trainer.precision``, and the labels and seeds of all 
 seed and num_classes); for a cascade's second stage also the content of the low-resolution input images. Left out:
 batch size, device count and strategy (a sample's batch is fixed by the run's batch plan, see ``sampling_data``),
 accelerator, progress bars, ``evaluation`` and the output folder.
+
+On ``tailgen test`` with ``evaluation.keep_samples`` the same writer keeps the sampled images beside metrics.json
+(the run folder, :mod:`tailgen.module.run_folder`): shards while testing, samples.npz + samples.json at the end (no
+grid of its own: the test writes one); not resumed (each test samples everything, its metrics need all samples).
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 
 import tailgen
 from tailgen.module import shards
 from tailgen.utils import ConfigError, SamplingError, TailgenError
 from tailgen.utils.images import class_grid, save_png
-from tailgen.utils.io import array_digest, file_digest
+from tailgen.utils.io import array_digest, atomic_write, file_digest
 
 _NOT_SAMPLING = ("progress", "evaluation")
 # Batches come whole from the datamodule (batch_size=None); the writer reads indices from the batch itself.
@@ -103,8 +109,10 @@ class SampleWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.grid_size = grid_size
         self.overwrite = overwrite
-        self.run_config: Optional[dict] = None  # the CLI's resolved config (set by `tailgen predict`)
+        self.run_config: Optional[dict] = None  # the CLI's resolved config (set by `tailgen predict` / `test`)
+        self.config_text: Optional[str] = None  # the same as YAML, written to config.yaml
         self._run: Optional[dict] = None
+        self._stage = "predict"
 
     @property
     def shard_dir(self) -> Path:
@@ -121,20 +129,27 @@ class SampleWriter(BasePredictionWriter):
 
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, plan: dict[str, np.ndarray]) -> dict:
         """Rank 0: check the folder, claim it for this config, find the verified shards. Nothing is sampled yet."""
-        shards.check_writable(self.output_dir)
+        key = "writer.output_dir" if self._stage == "predict" else "model.init_args.evaluation.init_args.output"
+        shards.check_writable(self.output_dir, key)
         identity = self.identity(trainer, pl_module, plan)
         config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         if self.overwrite:
             shards.clear_outputs(self.output_dir)
-        shards.refuse_foreign(self.output_dir, config_hash)
+        shards.refuse_foreign(self.output_dir, config_hash, key)
         n = len(plan["labels"])
         if shards.finished(self.output_dir, config_hash):
             shutil.rmtree(self.shard_dir, ignore_errors=True)  # left if the last run stopped right after samples.json
+            if self._stage == "predict" and not (self.output_dir / shards.CONFIG).exists():
+                self._write_config()
             return {"hash": config_hash, "identity": identity, "done": np.arange(n), "finished": True}
         for name in (shards.SAMPLES, shards.PROVENANCE, shards.GRID):  # stale output of this config: redone below
             (self.output_dir / name).unlink(missing_ok=True)
+        if self._stage == "test":  # not resumed: every sample is drawn again
+            shutil.rmtree(self.shard_dir, ignore_errors=True)
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         shards.write_json(self.shard_dir / shards.RUN_FILE, {"config_hash": config_hash, "identity": identity})
+        if self._stage == "predict":
+            self._write_config()
         done, notes = shards.scan_shards(self.shard_dir, config_hash, plan, sample_shape(pl_module))
         for note in notes:
             print(f"tailgen: dropped shard {note}; its samples are sampled again", file=sys.stderr)
@@ -143,8 +158,24 @@ class SampleWriter(BasePredictionWriter):
                   f"sampling the other {n - len(done['indices'])}")
         return {"hash": config_hash, "identity": identity, "done": done["indices"], "finished": False}
 
+    def _write_config(self) -> None:
+        """config.yaml: the resolved config of the run (the CLI's; nothing outside the CLI)."""
+        if self.config_text is not None:
+            atomic_write(self.output_dir / shards.CONFIG, lambda tmp: tmp.write_text(self.config_text))
+
+    def _keeps_test_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """tailgen test with evaluation.keep_samples on sampled (not loaded) images: output beside metrics.json."""
+        if not getattr(getattr(pl_module, "evaluation", None), "keep_samples", False):
+            return False
+        if getattr(getattr(trainer.datamodule, "dataset", None), "image_shape", None) is not None:
+            rank_zero_info("evaluation.keep_samples: the samples come from data.samples; nothing more is written")
+            return False
+        self.output_dir = pl_module.metrics_path().parent
+        return True
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "predict":
+        self._stage = stage
+        if stage == "test" and not self._keeps_test_samples(trainer, pl_module) or stage not in ("predict", "test"):
             return
         datamodule = trainer.datamodule
         if not (hasattr(datamodule, "plan") and hasattr(datamodule, "skip")):
@@ -163,7 +194,8 @@ class SampleWriter(BasePredictionWriter):
         if "error" in result:
             raise result["error"]
         self._run = {**result, "plan": plan}
-        datamodule.skip(result["done"])
+        if stage == "predict":
+            datamodule.skip(result["done"])
 
     # ------------------------------------------------------------------------------------------------ batches
 
@@ -172,11 +204,16 @@ class SampleWriter(BasePredictionWriter):
         arrays = {k: prediction[k].cpu().numpy() for k in shards.ARRAYS}
         shards.write_shard(self.shard_dir, arrays, self._run["hash"])
 
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._run is not None and not self._run["finished"] and isinstance(outputs, dict):
+            self.write_on_batch_end(trainer, pl_module, outputs, None, batch, batch_idx, dataloader_idx)
+
     # ------------------------------------------------------------------------------------------------ end
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Runs on every rank, also on ranks that got no batch (Lightning skips their predict loop)."""
-        if stage != "predict" or self._run is None:
+        if stage not in ("predict", "test") or self._run is None:
             return
         run, self._run = self._run, None
         trainer.strategy.barrier()
@@ -184,7 +221,8 @@ class SampleWriter(BasePredictionWriter):
             return
         n = len(run["plan"]["labels"])
         if run["finished"]:
-            print(f"nothing to do: {self.output_dir / shards.SAMPLES} already holds these {n} samples "
+            what = "nothing to do" if stage == "predict" else "samples not written again"
+            print(f"{what}: {self.output_dir / shards.SAMPLES} already holds these {n} samples "
                   f"(config {shards.short(run['hash'])}, see {shards.PROVENANCE})")
             return
         samples, notes = shards.scan_shards(self.shard_dir, run["hash"], run["plan"], sample_shape(pl_module),
@@ -196,10 +234,13 @@ class SampleWriter(BasePredictionWriter):
                                 "again to sample the rest")
         path = shards.write_samples_npz(self.output_dir / shards.SAMPLES, samples)
         shards.write_json(self.output_dir / shards.PROVENANCE, self.provenance(trainer, run, path))
+        shutil.rmtree(self.shard_dir)  # everything is in samples.npz now
+        if stage == "test":  # the test's own class grid is beside metrics.json already
+            print(f"wrote {n} samples to {path} (+ {shards.PROVENANCE}, config {shards.short(run['hash'])})")
+            return
         grid = class_sorted_grid(samples["images"], samples["labels"], self.grid_size,
                                  getattr(pl_module, "class_names", None))
         save_png(grid, self.output_dir / shards.GRID)
-        shutil.rmtree(self.shard_dir)  # everything is in samples.npz now
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_image"):
             logger.log_image("samples/grid", [grid], caption=[f"{n} samples"])
@@ -212,6 +253,7 @@ class SampleWriter(BasePredictionWriter):
         plan = run["plan"]
         return {
             "config_hash": run["hash"],
+            "command": self._stage,
             "num_samples": len(plan["labels"]),
             "indices": [0, len(plan["labels"]) - 1],
             "base_seed": getattr(datamodule, "seed", None),
