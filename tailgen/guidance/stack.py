@@ -155,3 +155,14 @@ class GuidanceStack:
             self._record(ctx, g, (guided - x_prev) / beta)
             x_prev = guided
         return x_prev
+
+
+def guidance_configs(guidances: dict[str, Guidance]) -> dict[str, dict]:
+    """``{name: {class_path, init_args}}`` of guidance objects (their public attributes; JSON-able values, others
+    as repr): what the CLI's config holds, for hparams.yaml / W&B when the module is built in Python."""
+    def plain(value):
+        return value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+
+    return {name: {"class_path": f"{type(g).__module__}.{type(g).__qualname__}",
+                   "init_args": {k: plain(v) for k, v in vars(g).items() if not k.startswith("_")}}
+            for name, g in guidances.items()}

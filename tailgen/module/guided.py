@@ -20,6 +20,7 @@ from tailgen.diffusion.adapters import ADMDenoiser, NoisyClassifier
 from tailgen.diffusion.noise import NoiseSource, SeededNoise
 from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
+from tailgen.guidance.stack import guidance_configs
 from tailgen.models.spec import ExpertSpec, NetworkSpec, build_experts
 from tailgen.models.speed import fast_network, prepare_network, resolve_autocast
 from tailgen.models.unet import check_labels
@@ -30,17 +31,6 @@ from tailgen.sampling import SAMPLERS, SamplingRun
 from tailgen.sampling.sanity import SampleMonitor
 from tailgen.utils import ConfigError
 from tailgen.utils.images import class_grid, from_uint8, make_grid, save_png, to_uint8
-
-
-def guidance_configs(guidances: dict[str, Guidance]) -> dict[str, dict]:
-    """``{name: {class_path, init_args}}`` of guidance objects (their public attributes; JSON-able values, others
-    as repr): what the CLI's config holds, for hparams.yaml / W&B when the module is built in Python."""
-    def plain(value):
-        return value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
-
-    return {name: {"class_path": f"{type(g).__module__}.{type(g).__qualname__}",
-                   "init_args": {k: plain(v) for k, v in vars(g).items() if not k.startswith("_")}}
-            for name, g in guidances.items()}
 
 
 NO_NETWORK = ("model.init_args.network is not set: sampling needs a diffusion network (preset / flags / "
