@@ -169,6 +169,9 @@ def test_bad_values_and_devices():
         patch.setattr(GuidedDiffusion, "device", property(lambda self: torch.device("cuda", 0)))
         with pytest.raises(ConfigError, match=r"int8 runs on the CPU only .* this run is on cuda:0"):
             mq.int8_network(module)
+    upsampler = GuidedDiffusion(NetworkSpec("fashion_upsampler", random_init=True), quantize="int8", progress=False)
+    with pytest.raises(ConfigError, match="an upsampler needs low_res images"):
+        mq.int8_network(upsampler)
     layer = q.Int8Conv(nn.Conv2d(2, 2, 1), -1.0, 1.0)
     with pytest.raises(ConfigError, match="CPU only; got an input on meta"):
         layer(torch.zeros(1, 2, 2, 2, device="meta"))
