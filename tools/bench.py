@@ -3,6 +3,7 @@
     python tools/bench.py [--reference ../shared/reference/guided-diffusion] [--cases fashion,adm64]
                           [--batch-fashion 80 --batch-adm64 2] [--steps 50 --steps-adm64 10] [--repeats 5]
                           [--autocast bf16] [--channels-last] [--attention sdpa] [--compile]
+                          [--quantize int8 [--calibration 256]]
                           [--json bench.json] [--quick]
 
 Cases: ``fashion`` = the shipped fashion_diffusion + fashion_noisy_classifier; ``adm64`` = the official 64x64
@@ -14,7 +15,8 @@ fp16 torsos on GPU). Per repeat the order is tailgen, reference, bare (A B C A B
 
 ``bare`` = the same number of network calls in a plain loop (UNet; when guided also the classifier forward +
 backward of log p(y | x)) under tailgen's speed options: ``tailgen / bare`` is the framework overhead.
-The speed options apply to tailgen and bare only. Prints a markdown table; ``--json`` writes all numbers.
+The speed options apply to tailgen and bare only. ``--quantize int8`` (CPU) calibrates the int8 UNet when the
+runs are set up, before any timed call. Prints a markdown table; ``--json`` writes all numbers.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ def build_module(case: str, steps: int, guided: bool, args) -> GuidedDiffusion:
         guidances={"classifier": ClassifierGuidance(scale=1.0)} if guided else None, progress=False,
         check_samples=False, autocast=args.autocast, autocast_classifier=args.autocast_classifier,
         channels_last=args.channels_last, attention=args.attention, compile=args.compile,
+        quantize=args.quantize, calibration=args.calibration,
     ).to(args.device)
 
 
@@ -190,6 +193,8 @@ def parse_args(argv=None):
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--attention", choices=["auto", "matmul", "sdpa"], default="auto")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--quantize", choices=["int8"], default=None, help="int8 UNet (CPU; models/quantize.py)")
+    ap.add_argument("--calibration", type=int, default=256, help="calibration inputs for --quantize")
     ap.add_argument("--json", type=Path, default=None, help="write all numbers here")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny batches, 2 steps, 1 repeat")
     args = ap.parse_args(argv)
@@ -218,7 +223,8 @@ def main(argv=None) -> dict:
             rows.append(bench_case(case, guided, batch, steps, args, ref_unet, script_util, sync))
     settings = (f"device={args.device} threads={torch.get_num_threads()} autocast={args.autocast} "
                 f"autocast_classifier={args.autocast_classifier} channels_last={args.channels_last} "
-                f"attention={args.attention} compile={args.compile}")
+                f"attention={args.attention} compile={args.compile} quantize={args.quantize}"
+                + (f" calibration={args.calibration}" if args.quantize else ""))
     result = {"settings": vars(args) | {"reference": str(args.reference), "json": str(args.json)},
               "hardware": hardware_report(), "rows": rows}
     print(markdown(rows, settings))

@@ -1,15 +1,16 @@
 """Sample quality of each speed option vs float32 on Fashion, same labels and seeds (issue 11).
 
     python tools/quality_vs_fp32.py --num-samples 2000 --steps 50 --out outputs/quality_vs_fp32
-                                    [--settings fp32,fp32_seed1,bf16,bf16_cl,bf16_clf,sdpa,channels_last,compile]
-                                    [--batch-size 100] [--unguided] [--device cpu]
+                                    [--settings fp32,fp32_seed1,bf16,bf16_cl,bf16_clf,sdpa,channels_last,compile,int8]
+                                    [--batch-size 100] [--unguided] [--device cpu] [--calibration 256]
 
 Samples the shipped fashion_diffusion with ADM-G s=1 (fashion_noisy_classifier; ``--unguided``: no guidance) for
 class-balanced labels with the seeds of ``tailgen predict --data.seed 0``, once per setting, and measures each set
 with ``Evaluation.evaluate`` (domain features of fashion_clean_classifier vs the Fashion-MNIST test split): FID,
 precision, recall, class accuracy. ``fp32_seed1`` (float32, data seed 1) gives the seed noise: a speed option
 whose differences to fp32 are within |fp32_seed1 - fp32| changes nothing measurable. Also reported: the mean abs
-pixel difference to the fp32 images of the same seeds.
+pixel difference to the fp32 images of the same seeds. ``int8`` (CPU only) is the calibrated int8 UNet
+(``quantize: int8``, ``--calibration`` inputs; the classifier stays float32).
 
 Resumable: samples go to ``<out>/<setting>/chunk_<k>.npz`` (atomic), metrics to ``<out>/<setting>/metrics.json``;
 what exists is reused, so a killed run continues. Writes ``<out>/results.md`` and ``<out>/results.json``.
@@ -42,11 +43,14 @@ SETTINGS = {
     "sdpa": {"attention": "sdpa"},
     "channels_last": {"channels_last": True},
     "compile": {"compile": True},
+    "int8": {"quantize": "int8"},
 }
 HEADLINE = ("fid", "precision", "recall", "tail/accuracy")
 
 
-def build(options: dict, steps: int, guided: bool, device: str) -> GuidedDiffusion:
+def build(options: dict, steps: int, guided: bool, device: str, calibration: int = 256) -> GuidedDiffusion:
+    if options.get("quantize"):
+        options = {**options, "calibration": calibration}
     return GuidedDiffusion(
         NetworkSpec(preset="fashion_diffusion"),
         NetworkSpec(preset="fashion_noisy_classifier") if guided else None,
@@ -63,7 +67,7 @@ def samples(name: str, options: dict, labels: np.ndarray, args) -> np.ndarray:
     for k in tqdm(range(0, len(labels), args.batch_size), desc=name):
         path = folder / f"chunk_{k // args.batch_size:04d}.npz"
         if not path.exists():
-            module = module or build(options, args.steps, not args.unguided, args.device)
+            module = module or build(options, args.steps, not args.unguided, args.device, args.calibration)
             part = labels[k:k + args.batch_size]
             seeds = [sample_seed(options.get("seed", 0), j) for j in range(k, k + len(part))]
             images = module.generate(part.tolist(), seeds, batch_size=args.batch_size).numpy()
@@ -81,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--unguided", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-reference", type=int, default=None, help="first N test images as the reference")
+    ap.add_argument("--calibration", type=int, default=256, help="calibration inputs of the int8 setting")
     ap.add_argument("--out", type=Path, default=Path("outputs/quality_vs_fp32"))
     args = ap.parse_args(argv)
     names = ["fp32", *[n for n in args.settings.split(",") if n != "fp32"]]

@@ -12,6 +12,9 @@ memory layout, the attention kernel and ``torch.compile``. Plain PyTorch; ``Guid
   (``F.scaled_dot_product_attention``) or ``"auto"`` (SDPA off-CPU, matmul on CPU).
 * ``compile``: ``torch.compile`` of the network's forward (the module itself is unchanged, so its state dict
   and attributes stay as they are).
+* ``quantize``: ``"int8"`` runs the diffusion UNet's convolutions as calibrated int8 oneDNN kernels on the CPU
+  (``models/quantize.py``; calibration inputs from the sampler: ``module/quantize.py``); its other layers stay
+  float32, so it excludes ``autocast``, and it runs eagerly (``compile`` then compiles the classifier only).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tailgen.utils import ConfigError
 ATTENTION_MODES = {"auto": None, "matmul": False, "sdpa": True}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST_CHOICES = (None, "auto", *AUTOCAST_DTYPES)
+QUANTIZE_CHOICES = (None, "int8")
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,7 +53,8 @@ def hardware_report() -> dict:
     flags = cpu_flags()
     report = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-              "amx_fp16": "amx_fp16" in flags, "threads": torch.get_num_threads(),
+              "amx_fp16": "amx_fp16" in flags, "amx_int8": "amx_int8" in flags,
+              "avx512_vnni": "avx512_vnni" in flags, "threads": torch.get_num_threads(),
               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     return report
 
@@ -71,6 +76,18 @@ def resolve_autocast(autocast: Optional[str], device: torch.device | str) -> Opt
     if autocast == "auto":
         return torch.bfloat16 if fast_bf16(device) else None
     return AUTOCAST_DTYPES.get(autocast)
+
+
+def check_quantize(quantize: Optional[str], calibration: int, autocast: Optional[str]) -> None:
+    """ConfigError for a bad ``quantize`` value, a calibration size < 1 or int8 together with autocast."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ConfigError(f"quantize must be null or int8; got {quantize!r}")
+    if quantize is not None and (isinstance(calibration, bool) or not isinstance(calibration, int)
+                                 or calibration < 1):
+        raise ConfigError(f"calibration must be a number of inputs >= 1; got {calibration!r}")
+    if quantize is not None and autocast is not None:
+        raise ConfigError(f"quantize: {quantize} and autocast: {autocast} exclude each other (the int8 UNet "
+                          "keeps its other layers in float32): drop one of them")
 
 
 def set_attention(net: nn.Module, mode: str) -> nn.Module:

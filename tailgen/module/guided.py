@@ -22,9 +22,10 @@ from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.guidance.stack import guidance_configs
 from tailgen.models.spec import ExpertSpec, NetworkSpec, build_experts
-from tailgen.models.speed import fast_network, prepare_network, resolve_autocast
+from tailgen.models.speed import check_quantize, fast_network, prepare_network, resolve_autocast
 from tailgen.models.unet import check_labels
 from tailgen.module.evaluation import LABELLED_METRICS, Evaluation, as_floats, format_table, write_report
+from tailgen.module.quantize import int8_network
 from tailgen.module.run_folder import output_path
 from tailgen.module.sampling_data import NEEDS_LOW_RES, NOT_AN_UPSAMPLER, sample_seed
 from tailgen.sampling import SAMPLERS, SamplingRun
@@ -77,6 +78,11 @@ class GuidedDiffusion(L.LightningModule):
         attention: ``matmul`` (explicit float32 softmax), ``sdpa`` (``F.scaled_dot_product_attention``) or
             ``auto`` (SDPA off-CPU, matmul on CPU).
         compile: ``torch.compile`` the UNet(s) and classifier (the first batch pays the compile time).
+        quantize: ``int8``: the diffusion UNet's convolutions as int8 oneDNN kernels, CPU only (classifier and
+            unconditional network stay float; not with ``autocast``; the int8 UNet is not compiled); calibrated
+            at the first batch (``module/quantize.py``).
+        calibration: calibration inputs for ``quantize`` (PTQ4DM time-step draws along the module's own
+            sampling trajectories, 8 per trajectory).
     """
 
     def __init__(
@@ -98,6 +104,8 @@ class GuidedDiffusion(L.LightningModule):
         channels_last: bool = False,
         attention: Literal["auto", "matmul", "sdpa"] = "auto",
         compile: bool = False,
+        quantize: Optional[Literal["int8"]] = None,
+        calibration: int = 256,
     ):
         super().__init__()
         if sampler not in SAMPLERS:
@@ -132,6 +140,8 @@ class GuidedDiffusion(L.LightningModule):
                             has_uncond=self.uncond_net is not None)
         self.freeze()
         resolve_autocast(autocast, "cpu")  # a bad value fails here, not at the first batch
+        check_quantize(quantize, calibration, autocast)
+        self.quantize, self.calibration = quantize, calibration
         for net in (self.net, self.classifier_net, self.uncond_net):
             if net is not None:
                 prepare_network(net, channels_last=channels_last, attention=attention)
@@ -145,7 +155,10 @@ class GuidedDiffusion(L.LightningModule):
             dtype = resolve_autocast(self.autocast, self.device)
             if role == "classifier" and not self.autocast_classifier:
                 dtype = None
-            self._fast[key] = fast_network(net, autocast=dtype, compile=self.compile_networks)
+            compile_net = self.compile_networks
+            if role == "network" and self.quantize is not None:  # calibrated now; runs eagerly (oneDNN int8)
+                net, compile_net = int8_network(self), False
+            self._fast[key] = fast_network(net, autocast=dtype, compile=compile_net)
         return self._fast[key]
 
     def _build_networks(self, network: NetworkSpec, classifier: Optional[NetworkSpec | list[ExpertSpec]],
