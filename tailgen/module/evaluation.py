@@ -15,6 +15,7 @@ from tailgen.metrics.reference import DEFAULT_CACHE_DIR
 from tailgen.metrics.suite import MetricSuite, MultiSpaceSuite
 from tailgen.models.spec import NetworkSpec
 from tailgen.utils import ConfigError
+from tailgen.utils.images import class_grid, make_grid
 from tailgen.utils.io import atomic_write
 
 FEATURE_NETWORK_KEY = "model.init_args.evaluation.feature_network"  # as the configs write it
@@ -157,3 +158,31 @@ def write_report(values: dict[str, float], path: Path) -> Path:
 
 def as_floats(values: dict) -> dict[str, float]:
     return {k: float(np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)) for k, v in values.items()}
+
+
+class GridSamples:
+    """The test run's picture: the first ``per_class`` samples of each class, drawn as one labelled row per class
+    (samples without labels: the first 100, ``per_class`` to a row, no class names)."""
+
+    def __init__(self, class_names=None, per_class: int = 10):
+        self.class_names, self.per_class = class_names, per_class
+        self.images: list = []
+        self.labels: list[int] = []
+        self.counts: dict[int, int] = {}
+
+    def add(self, images, labels) -> None:
+        limit = self.per_class if (labels >= 0).all() else 100
+        for image, label in zip(images, labels):
+            if self.counts.get(int(label), 0) < limit:
+                self.counts[int(label)] = self.counts.get(int(label), 0) + 1
+                self.images.append(image)
+                self.labels.append(int(label))
+
+    def grid(self):
+        """uint8 H x W x C, or None when nothing was added."""
+        if not self.images:
+            return None
+        images, labels = np.stack(self.images), np.asarray(self.labels)
+        if (labels < 0).all():
+            return make_grid(images, nrow=self.per_class)
+        return class_grid(images, labels, self.class_names, per_class=self.per_class)

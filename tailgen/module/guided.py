@@ -24,14 +24,14 @@ from tailgen.guidance.stack import guidance_configs
 from tailgen.models.spec import ExpertSpec, NetworkSpec, build_experts
 from tailgen.models.speed import check_quantize, fast_network, prepare_network, resolve_autocast
 from tailgen.models.unet import check_labels
-from tailgen.module.evaluation import LABELLED_METRICS, Evaluation, as_floats, format_table, write_report
+from tailgen.module.evaluation import LABELLED_METRICS, GridSamples, Evaluation, as_floats, format_table, write_report
 from tailgen.module.quantize import int8_network
 from tailgen.module.run_folder import output_path
 from tailgen.module.sampling_data import NEEDS_LOW_RES, NOT_AN_UPSAMPLER, sample_seed
 from tailgen.sampling import SAMPLERS, SamplingRun
 from tailgen.sampling.sanity import SampleMonitor
 from tailgen.utils import ConfigError
-from tailgen.utils.images import class_grid, from_uint8, make_grid, save_png, to_uint8
+from tailgen.utils.images import from_uint8, save_png, to_uint8
 
 
 NO_NETWORK = ("model.init_args.network is not set: sampling needs a diffusion network (preset / flags / "
@@ -375,32 +375,11 @@ class GuidedDiffusion(L.LightningModule):
                   else batch["images"])
         labels = batch["label"] if (batch["label"] >= 0).all() else None
         self.suite.update(images.permute(0, 3, 1, 2), labels)
-        self._keep_for_grid(images.cpu().numpy(), batch["label"].cpu().numpy())
+        self._grid_samples.add(images.cpu().numpy(), batch["label"].cpu().numpy())
         return self._sampled(batch, images) if sampled else None
 
-    GRID_PER_CLASS = 10
-
-    def _keep_for_grid(self, images, labels) -> None:
-        """The first GRID_PER_CLASS samples of each class (unlabelled samples: the first 100 as class -1)."""
-        kept = self._grid_samples.setdefault("images", []), self._grid_samples.setdefault("labels", [])
-        counts = self._grid_samples.setdefault("counts", {})
-        limit = self.GRID_PER_CLASS if (labels >= 0).all() else 100
-        for image, label in zip(images, labels):
-            if counts.get(int(label), 0) < limit:
-                counts[int(label)] = counts.get(int(label), 0) + 1
-                kept[0].append(image)
-                kept[1].append(int(label))
-
     def on_test_epoch_start(self) -> None:
-        self._grid_samples = {}
-
-    def _test_grid(self):
-        if not getattr(self, "_grid_samples", {}).get("images"):
-            return None
-        images, labels = np.stack(self._grid_samples["images"]), np.asarray(self._grid_samples["labels"])
-        if (labels < 0).all():  # samples without labels: one row of 10 after another, no class names
-            return make_grid(images, nrow=self.GRID_PER_CLASS)
-        return class_grid(images, labels, self.class_names, per_class=self.GRID_PER_CLASS)
+        self._grid_samples = GridSamples(self.class_names)
 
     def on_test_epoch_end(self) -> None:
         values = as_floats(self.suite.compute())  # synchronised across ranks: same values everywhere
@@ -408,7 +387,7 @@ class GuidedDiffusion(L.LightningModule):
         if self.trainer.is_global_zero:
             out = self.metrics_path()
             write_report(values, out)
-            grid = self._test_grid()
+            grid = self._grid_samples.grid()
             if grid is not None:
                 save_png(grid, out.parent / "grid.png")
                 if self.logger is not None and hasattr(self.logger, "log_image"):
