@@ -33,7 +33,6 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from tailgen.diffusion.noise import SeededNoise
 from tailgen.guidance import ClassifierGuidance
 from tailgen.models import adm
 from tailgen.models.spec import NetworkSpec
