@@ -97,3 +97,11 @@ def test_update_readme_replaces_only_the_generated_block(tmp_path):
     readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\noutro\n")
     update_readme(readme, f"{README_BEGIN}\nnew\n{README_END}")
     assert readme.read_text() == f"intro\n{README_BEGIN}\nnew\n{README_END}\noutro\n"
+
+
+def test_study_processes_stop_at_a_unit_boundary_when_asked(tmp_path):
+    assert tail_study.should_stop(tmp_path, None) is None
+    assert tail_study.should_stop(tmp_path, "99:99") is None  # not yet
+    assert "deadline" in tail_study.should_stop(tmp_path, "00:00")
+    (tmp_path / "STOP").touch()
+    assert "STOP" in tail_study.should_stop(tmp_path, None)

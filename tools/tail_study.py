@@ -2,6 +2,7 @@
 
     python tools/tail_study.py run    [--plan configs/study/fashion_tail.yaml] [--out runs/tail_study]
                                       [--stage grid|headline] [--only RUN ...] [--wandb] [--dry-run]
+                                      [--deadline HH:MM]        # or `touch runs/tail_study/STOP`
     python tools/tail_study.py list   [--plan ...]                      # the expanded runs and their flags
     python tools/tail_study.py report [--docs docs/tail_study]   # tables, verdicts, plots, README's table
 
@@ -229,6 +230,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--wandb", action="store_true", help="log every test run to W&B (offline)")
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--deadline", help="HH:MM: start no unit after this time (a running unit finishes)")
     args = ap.parse_args(argv)
     plan = load_plan(args.plan)
     if args.action == "list":
@@ -250,7 +252,20 @@ def main(argv=None) -> None:
 
     todo = units(plan, args.stage, args.only)
     for name, n, seed in tqdm(todo, desc=f"tail study ({args.stage})", disable=args.dry_run):
+        if not args.dry_run and (reason := should_stop(Path(args.out), args.deadline)):
+            print(f"tail_study: stopping before {name} n={n} seed={seed}: {reason}", flush=True)
+            break
         run_unit(plan, name, plan["_runs"][name], n, seed, out, records, args.wandb, args.dry_run)
+
+
+def should_stop(out: Path, deadline: str | None) -> str | None:
+    """Why no new unit should start: a ``STOP`` file in ``out`` (``touch runs/tail_study/STOP`` ends every study
+    process at its next unit boundary, losing nothing) or the ``--deadline`` (``HH:MM``, local time) has passed."""
+    if (out / "STOP").exists():
+        return f"{out / 'STOP'} exists"
+    if deadline and time.strftime("%H:%M") >= deadline:
+        return f"deadline {deadline} reached"
+    return None
 
 
 if __name__ == "__main__":
