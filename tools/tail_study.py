@@ -215,7 +215,7 @@ def units(plan: dict, stage: str, only: list[str] | None) -> list[tuple[str, int
         raise SystemExit(f"tail_study: unknown run(s) {unknown}; see `python tools/tail_study.py list`")
     names = [r for r in names if not only or r in only]
     n, seeds = s[stage]["num_samples"], s[stage]["seeds"]
-    return [(r, n, seed) for seed in seeds for r in names]
+    return [(r, n, seed) for r in names for seed in seeds]  # a row's seed sets together: its noise comes first
 
 
 def main(argv=None) -> None:
