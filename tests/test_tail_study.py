@@ -61,19 +61,21 @@ def test_rarest_on_manifold_picks_rare_samples_inside_the_real_manifold():
 
     from tail_study_report import rarest_on_manifold
 
-    def pixels(images):  # features = the single pixel value
-        return {"pool": torch.as_tensor(np.asarray(images)).reshape(len(images), -1)[:, :1].float()}
+    def pixels(images):  # features = the first pixel value; the report hands over NCHW (1 channel, 2 x 3 pixels)
+        assert images.shape[1:] == (1, 2, 3)
+        return {"pool": torch.as_tensor(images).reshape(len(images), -1)[:, :1].float()}
 
-    def img(v):
-        return np.full((1, 1, 1), v, dtype=np.uint8)
+    def img(v):  # samples.npz layout: H x W x C
+        return np.full((2, 3, 1), v, dtype=np.uint8)
 
     # real class 0 at 0, 1, 2, 10 (the point 10 has a large ball: radius 8 for k=1); class 1 at 100, 101
-    real = np.stack([img(v) for v in (0, 1, 2, 10, 100, 101)])
+    real = np.stack([img(v)[..., 0] for v in (0, 1, 2, 10, 100, 101)])  # Fashion-MNIST layout: N x H x W
     real_labels = np.array([0, 0, 0, 0, 1, 1])
     # fakes of class 0: 1 (dense), 9 (inside only the big ball -> rarest), 50 (inside no ball: off-manifold)
     fake = np.stack([img(v) for v in (1, 9, 50, 100)])
     labels = np.array([0, 0, 0, 1])
     picked, picked_labels = rarest_on_manifold(fake, labels, real, real_labels, pixels, k=1, per_class=5)
+    assert picked.shape[1:] == (2, 3, 1)
     assert picked[:, 0, 0, 0].tolist() == [9, 1, 100]  # rarest first, the off-manifold 50 never shown
     assert picked_labels.tolist() == [0, 0, 1]
 

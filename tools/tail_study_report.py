@@ -203,13 +203,18 @@ def plot(plan: dict, table: dict, cfg: dict, docs: Path, n: int) -> list[Path]:
 def rarest_on_manifold(images: np.ndarray, labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray,
                        extractor, k: int = 3, per_class: int = 12) -> tuple[np.ndarray, np.ndarray]:
     """Per class, the ``per_class`` samples with the largest rarity score (Han et al. 2023) among those inside at
-    least one real k-NN ball of their own class (on-manifold), in ``extractor``'s feature space; rarest first."""
+    least one real k-NN ball of their own class (on-manifold), in ``extractor``'s feature space; rarest first.
+    ``images`` (N x H x W x C) and ``real`` (N x H x W or N x H x W x C) are uint8."""
     import torch
 
     from tailgen.metrics.reference import extract_features
     from tailgen.metrics.tail_manifold import rarity_scores
 
-    fake_f, real_f = extract_features(extractor, images)["pool"], extract_features(extractor, real)["pool"]
+    def nchw(x: np.ndarray) -> torch.Tensor:  # samples.npz / Fashion-MNIST are N x H x W (x C), uint8
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        return (x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)).contiguous()
+
+    fake_f, real_f = extract_features(extractor, nchw(images))["pool"], extract_features(extractor, nchw(real))["pool"]
     picked, picked_labels = [], []
     for c in np.unique(labels):
         score = rarity_scores(real_f[torch.from_numpy(real_labels == c)], fake_f[torch.from_numpy(labels == c)], k=k)
@@ -242,8 +247,7 @@ def grids(plan: dict, table: dict, docs: Path, out: Path) -> None:
             judge = ClassifierFeatures(NetworkSpec(preset="fashion_judge").build(), timestep=0, name="fashion_judge")
             real, real_labels = load_fashion_mnist("test")
             real, real_labels = real[:n], real_labels[:n]  # the study's equal-size reference
-        rare, rare_labels = rarest_on_manifold(images, labels, real[..., None] if real.ndim == 3 else real,
-                                               real_labels, judge)
+        rare, rare_labels = rarest_on_manifold(images, labels, real, real_labels, judge)
         save_png(class_grid(rare, rare_labels, CLASS_NAMES, per_class=12), docs / f"rarest_{stem}.png")
 
 
