@@ -170,3 +170,31 @@ def test_empty_random_and_safetensors_files(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", types.ModuleType("safetensors"))
     monkeypatch.setitem(sys.modules, "safetensors.torch", fake)
     assert list(load_state_dict_file(path)) == ["w"]
+
+
+def test_weights_saved_channels_last_load_row_major():
+    """A file saved from a channels_last network keeps NHWC strides where the layout is ambiguous (one input
+    channel, 1x1 kernels); loaded into a meta-built network they must not turn the network's activations NHWC
+    (its GroupNorms are several times slower there on the CPU; issue 11)."""
+    flags = {**UNET_FLAGS, "in_channels": 1, "channel_mult": "1,2"}
+    torch.manual_seed(0)
+    trained = create_model(**flags).to(memory_format=torch.channels_last)
+    state = trained.state_dict()
+    assert state["input_blocks.0.0.weight"].stride() == (9, 1, 3, 1)  # what torch.save keeps
+    with torch.device("meta"):
+        model = create_model(**flags)
+    load_into(model, state)
+    for key, value in model.state_dict().items():
+        assert value.stride() == torch.empty(value.shape).stride(), key
+        assert torch.equal(value, state[key]), key
+    features = model.input_blocks[0](torch.randn(2, 1, 32, 32), None)
+    assert features.stride() == torch.empty(features.shape).stride()  # NCHW activations
+
+
+def test_shipped_weights_load_row_major():
+    from tailgen.models.spec import NetworkSpec
+
+    for name, kind in (("fashion_diffusion", "model"), ("fashion_noisy_classifier", "classifier")):
+        net = NetworkSpec(preset=name, kind=kind).build()
+        odd = [key for key, p in net.named_parameters() if p.stride() != torch.empty(p.shape).stride()]
+        assert not odd, (name, odd)

@@ -231,11 +231,28 @@ def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
     return "\n".join(lines)
 
 
+def row_major(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the default (row-major, NCHW) strides: itself when it has them, else a copy.
+
+    A file saved from a channels_last network keeps NHWC strides on the weights whose layout is ambiguous (one
+    input channel, 1x1 kernels), which still count as contiguous. Loaded as they are (``assign=True``), they made
+    the first convolution return NHWC activations and so ran the whole network channels_last unasked: on the CPU
+    its GroupNorms are 2-8x slower there (issue 11). Memory layout is ``prepare_network``'s choice alone."""
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= size
+    if tensor.stride() == tuple(reversed(strides)):
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
+
+
 def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], device=None) -> nn.Module:
     """Strictly load `state_dict` into `model` and return it.
 
     Tensors are cast to each parameter's dtype (float16 files upcast into float32 modules, fp32 files into
-    fp16-converted torsos). A model built on the meta device is materialised on `device` (default CPU).
+    fp16-converted torsos). A model built on the meta device is materialised on `device` (default CPU), every
+    tensor in the default row-major layout (`row_major`), whatever strides the file kept.
     Any key / shape mismatch raises one CheckpointError (see `mismatch_report`).
     """
     report = mismatch_report(model, state_dict)
@@ -245,7 +262,7 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], device=N
     on_meta = any(tensor.is_meta for tensor in targets.values())
     if on_meta:
         device = torch.device(device or "cpu")
-        cast = {key: value.to(device=device, dtype=targets[key].dtype) for key, value in state_dict.items()}
+        cast = {key: row_major(value.to(device=device, dtype=targets[key].dtype)) for key, value in state_dict.items()}
         model.load_state_dict(cast, strict=True, assign=True)
     else:
         model.load_state_dict(dict(state_dict), strict=True)
