@@ -107,3 +107,15 @@ def test_study_processes_stop_at_a_unit_boundary_when_asked(tmp_path):
     assert "deadline" in tail_study.should_stop(tmp_path, "00:00")
     (tmp_path / "STOP").touch()
     assert "STOP" in tail_study.should_stop(tmp_path, None)
+
+
+def test_seed_noise_needs_every_headline_seed_set():
+    from tail_study_report import seed_noise
+
+    def row(seeds, std):
+        return {"seeds": seeds, "std": {"recall": std}}
+
+    table = {("a", 5000): row([0, 1], 0.0), ("b", 2000): row([0, 1, 2], 9.0)}
+    assert seed_noise(table, 5000, 2000, min_seeds=3) == {}  # two seed sets are not enough; other sizes ignored
+    table[("c", 5000)] = row([0, 1, 2], 0.01)
+    assert abs(seed_noise(table, 5000, 2000, min_seeds=3)["recall"] - 0.01 * (5000 / 2000) ** 0.5) < 1e-12

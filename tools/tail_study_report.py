@@ -48,12 +48,13 @@ def aggregate(units: list[dict]) -> dict[tuple[str, int], dict]:
     return table
 
 
-def seed_noise(table: dict, headline_n: int, n: int) -> dict[str, float]:
+def seed_noise(table: dict, headline_n: int, n: int, min_seeds: int = 3) -> dict[str, float]:
     """sigma per metric for samples of size ``n``: the largest seed-set std among the headline rows, scaled by
-    sqrt(headline_n / n) (PROTOCOL.md). Empty until a headline row has >= 2 seed sets."""
+    sqrt(headline_n / n) (PROTOCOL.md). Only rows with all the protocol's ``min_seeds`` seed sets count (a std of
+    two values can be ~0 by chance); empty until one has them."""
     sigma: dict[str, float] = {}
     for (run, size), row in table.items():
-        if size != headline_n or len(row["seeds"]) < 2:
+        if size != headline_n or len(row["seeds"]) < min_seeds:
             continue
         for k, s in row["std"].items():
             sigma[k] = max(sigma.get(k, 0.0), s)
@@ -70,7 +71,7 @@ def verdicts(plan: dict, table: dict, cfg: dict) -> dict[tuple[str, int], dict]:
         curve = [r["mean"] for (name, size), r in sorted(
             ((k, v) for k, v in table.items() if v["info"]["method"] == curve_method and k[1] == n),
             key=lambda kv: kv[1]["info"]["value"])]
-        sigma = seed_noise(table, headline_n, n)
+        sigma = seed_noise(table, headline_n, n, len(plan["setting"]["headline"]["seeds"]))
         result = {}
         for space, prefix in cfg["spaces"].items():
             diversity = [prefix + d for d in cfg["diversity"]]
@@ -165,7 +166,7 @@ def plot(plan: dict, table: dict, cfg: dict, docs: Path, n: int) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = [(k[0], v) for k, v in table.items() if k[1] == n]
-    sigma = seed_noise(table, plan["setting"]["headline"]["num_samples"], n)
+    sigma = seed_noise(table, plan["setting"]["headline"]["num_samples"], n, len(plan["setting"]["headline"]["seeds"]))
     written = []
     for space, prefix in cfg["spaces"].items():
         for x_name, y_name in cfg["plots"]:
