@@ -119,3 +119,61 @@ def test_seed_noise_needs_every_headline_seed_set():
     assert seed_noise(table, 5000, 2000, min_seeds=3) == {}  # two seed sets are not enough; other sizes ignored
     table[("c", 5000)] = row([0, 1, 2], 0.01)
     assert abs(seed_noise(table, 5000, 2000, min_seeds=3)["recall"] - 0.01 * (5000 / 2000) ** 0.5) < 1e-12
+
+
+def _study(rows: dict) -> tuple[dict, dict, dict]:
+    """A constructed study: ADM-G curve at 2000 (accuracy 0.8 -> 1.0, recall 0.9 -> 0.7), a 5000 headline row with
+    3 seed sets (sigma 0.01 for every metric), and the candidate rows given as {run: (method, accuracy, recall,
+    rarity_outside)}; every diversity metric equals recall, so mean z = z(recall)."""
+    from tail_study_report import DEFAULT_REPORT
+
+    cfg = {**DEFAULT_REPORT, "spaces": {"judge": "judge/"}}
+    div = ["judge/" + d for d in cfg["diversity"]]
+
+    def row(method, value, acc, recall, outside=0.0, n_seeds=1, std=float("nan")):
+        mean = {"tail/accuracy": acc, "judge/fid": 1.0, "judge/rarity_outside": outside, **{d: recall for d in div}}
+        return {"info": {"method": method, "value": value}, "seeds": list(range(n_seeds)), "mean": mean,
+                "std": {k: std for k in mean}}
+
+    table = {("adm_g@0", 2000): row("adm_g", 0, 0.8, 0.9), ("adm_g@1", 2000): row("adm_g", 1, 1.0, 0.7),
+             ("adm_g@0", 5000): row("adm_g", 0, 0.8, 0.9, n_seeds=3, std=0.01)}
+    for run, (method, acc, recall, outside) in rows.items():
+        table[(run, 2000)] = row(method, 1, acc, recall, outside)
+    plan = {"curve": "adm_g", "tail_methods": ["tail_target"],
+            "setting": {"grid": {"num_samples": 2000}, "headline": {"num_samples": 5000, "seeds": [0, 1, 2]}}}
+    return plan, table, cfg
+
+
+def test_the_pick_is_the_largest_mean_margin_among_comparable_unflagged_rows():
+    from tail_study_report import off_manifold, picks, verdicts
+
+    plan, table, cfg = _study({
+        "tail_target@1": ("tail_target", 0.9, 0.83, 0.0),     # curve at 0.9: recall 0.8 -> +0.03
+        "tail_target@2": ("tail_target", 0.9, 0.95, 0.5),     # larger margin, but off-manifold
+        "tail_target@3": ("tail_target", 0.5, 0.99, 0.0),     # accuracy outside the curve: not comparable
+        "interval@2": ("interval", 0.95, 0.80, 0.0),          # curve at 0.95: 0.75 -> +0.05
+        "cads@1": ("cads", 0.9, 0.78, 0.0)})                  # below the curve
+    flags = off_manifold(plan, table, cfg)
+    assert flags == {("tail_target@2", 2000): ["judge"]}
+    chosen = picks(plan, table, verdicts(plan, table, cfg), flags)
+    sigma = 0.01 * (5000 / 2000) ** 0.5
+    assert chosen["tail"]["run"] == "tail_target@1" and abs(chosen["tail"]["mean_z"] - 0.03 / sigma) < 1e-9
+    assert chosen["competitor"]["run"] == "interval@2" and abs(chosen["competitor"]["mean_z"] - 0.05 / sigma) < 1e-9
+
+
+def test_no_pick_before_the_seed_set_noise_exists():
+    from tail_study_report import off_manifold, picks, verdicts
+
+    plan, table, cfg = _study({"tail_target@1": ("tail_target", 0.9, 0.83, 0.9)})
+    table[("adm_g@0", 5000)]["seeds"] = [0, 1]  # two seed sets: no sigma yet
+    flags = off_manifold(plan, table, cfg)
+    assert flags == {} and picks(plan, table, verdicts(plan, table, cfg), flags) == {}
+
+
+def test_a_method_model_override_reaches_its_runs_only():
+    plan = tail_study.load_plan(str(ROOT / "configs/study/fashion_tail.yaml"))
+    plan["methods"]["x"] = {"guidances": {"cg": {"class_path": "C", "init_args": {}}}, "knob": "cg.scale",
+                            "values": [1], "with_adm_g": [1], "model": {"classifier": {"preset": "other"}}}
+    runs = tail_study.expand(plan)
+    assert runs["x@1"]["model"] == runs["x@1+adm_g@1"]["model"] == {"classifier": {"preset": "other"}}
+    assert runs["adm_g@1"]["model"] == {}

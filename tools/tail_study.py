@@ -61,7 +61,8 @@ def expand(plan: dict) -> dict[str, dict]:
                 if cg_scale is not None:
                     guidances = {**_set_knob(cg["guidances"], cg["knob"], cg_scale), **guidances}
                     name += f"+{curve}@{_fmt(cg_scale)}"
-                runs[name] = {"method": method, "value": value, "adm_g": cg_scale, "guidances": guidances}
+                runs[name] = {"method": method, "value": value, "adm_g": cg_scale, "guidances": guidances,
+                              "model": spec.get("model", {})}
     return runs
 
 
@@ -161,7 +162,7 @@ def claim(folder: Path) -> bool:
 
 def _run_claimed(plan, name, run, n, seed, folder, predict, test, text, record: Path) -> bool:
     tailgen = [sys.executable, "-m", "tailgen.cli"]
-    init_args = {**plan["setting"].get("model", {}), "guidances": run["guidances"]}
+    init_args = {**plan["setting"].get("model", {}), **run.get("model", {}), "guidances": run["guidances"]}
     (folder / "guidances.yaml").write_text(yaml.safe_dump({"model": {"init_args": init_args}}))
     (folder / "command.txt").write_text(text + "\n")
     start = time.perf_counter()
@@ -175,6 +176,7 @@ def _run_claimed(plan, name, run, n, seed, folder, predict, test, text, record: 
             print(f"FAILED {name} n={n} seed={seed} at {stage} (exit {rc}): {' | '.join(tail)}", flush=True)
             return True
     info = {"run": name, **{k: run[k] for k in ("method", "value", "adm_g")}, "num_samples": n, "seed": seed,
+            **({"model_args": run["model"]} if run.get("model") else {}),
             "steps": plan["setting"]["steps"], "seconds": round(time.perf_counter() - start, 1),
             "model": plan["_model"], "guidances": run["guidances"]}
     (folder / "unit.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -88,6 +88,45 @@ def verdicts(plan: dict, table: dict, cfg: dict) -> dict[tuple[str, int], dict]:
     return out
 
 
+def off_manifold(plan: dict, table: dict, cfg: dict) -> dict[tuple[str, int], list[str]]:
+    """Per candidate (run, N): the feature spaces where its share of samples inside no real k-NN ball
+    (``rarity_outside``) exceeds the ADM-G curve's largest share by more than 2 sigma (PROTOCOL.md: rarity bought
+    with off-manifold samples is not a win). Empty until the seed-set noise exists."""
+    curve_method, headline = plan.get("curve", "adm_g"), plan["setting"]["headline"]
+    flags: dict[tuple[str, int], list[str]] = {}
+    for (run, n), row in table.items():
+        if row["info"]["method"] == curve_method:
+            continue
+        sigma = seed_noise(table, headline["num_samples"], n, len(headline["seeds"]))
+        for space, prefix in cfg["spaces"].items():
+            key = prefix + "rarity_outside"
+            curve = [r["mean"][key] for (_, size), r in table.items()
+                     if r["info"]["method"] == curve_method and size == n and key in r["mean"]]
+            if curve and key in row["mean"] and key in sigma and row["mean"][key] > max(curve) + 2 * sigma[key]:
+                flags.setdefault((run, n), []).append(space)
+    return flags
+
+
+def picks(plan: dict, table: dict, verdict: dict, flags: dict) -> dict[str, dict]:
+    """PROTOCOL.md "Choosing the shipped configurations": per group (``tail``: the plan's ``tail_methods``;
+    ``competitor``: every other non-curve method), the grid row with the largest mean z over the four diversity
+    metrics on the class-accuracy axis in judge features, among rows whose accuracy lies within the ADM-G curve's
+    range and which are not flagged off-manifold. ``{group: {"run", "n", "mean_z"}}``; a group is missing while
+    no row qualifies (e.g. before the seed-set noise exists)."""
+    tail = set(plan.get("tail_methods", []))
+    grid_n = plan["setting"]["grid"]["num_samples"]
+    best: dict[str, dict] = {}
+    for (run, n), result in verdict.items():
+        v = result.get("judge/accuracy") or {}
+        if n != grid_n or not v.get("comparable") or flags.get((run, n)):
+            continue
+        group = "tail" if table[(run, n)]["info"]["method"] in tail else "competitor"
+        mean_z = float(np.mean(list(v["z"].values())))
+        if group not in best or mean_z > best[group]["mean_z"]:
+            best[group] = {"run": run, "n": n, "mean_z": mean_z}
+    return best
+
+
 def _cell(row: dict, key: str) -> str:
     if key not in row["mean"]:
         return "-"
@@ -95,7 +134,8 @@ def _cell(row: dict, key: str) -> str:
     return f"{m:.3f}" if math.isnan(s) else f"{m:.3f} ± {s:.3f}"
 
 
-def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path) -> None:
+def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict | None = None,
+                 chosen: dict | None = None) -> None:
     keys = [cfg["accuracy"]] + [p + k for p in cfg["spaces"].values() for k in [cfg["fid"], *cfg["diversity"]]]
     with open(docs / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -115,6 +155,15 @@ def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path) -> None:
             else:
                 zs = ", ".join(f"{k} {z:+.1f}" for k, z in v["z"].items())
                 lines.append(f"- {run} (N={n}) {where}: {'ABOVE' if v['above'] else 'not above'} ({zs})")
+    for (run, n), spaces in (flags or {}).items():
+        lines.append(f"- {run} (N={n}): OFF-MANIFOLD flag in {', '.join(spaces)} features (share of samples inside "
+                     f"no real ball > the ADM-G curve's largest + 2 sigma)")
+    lines += ["", "Selection (PROTOCOL.md: largest mean z, class-accuracy axis, judge features, comparable, "
+              "not flagged):"]
+    for group in ("tail", "competitor"):
+        c = (chosen or {}).get(group)
+        lines.append(f"- best {group}: " + (f"{c['run']} (N={c['n']}, mean z {c['mean_z']:+.2f})" if c
+                                             else "none yet (no comparable row with seed-set noise)"))
     (docs / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -265,7 +314,8 @@ def study_table(plan: dict, records: Path) -> tuple[dict, dict, dict]:
 def report(plan: dict, records: Path, docs: Path, out: Path, readme: Path | None = None) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     table, verdict, cfg = study_table(plan, records)
-    write_tables(table, verdict, cfg, docs)
+    flags = off_manifold(plan, table, cfg)
+    write_tables(table, verdict, cfg, docs, flags, picks(plan, table, verdict, flags))
     for n in sorted({n for _, n in table}):
         plot(plan, table, cfg, docs, n)
     grids(plan, table, docs, out)
