@@ -118,6 +118,8 @@ def test_bad_settings_are_config_errors():
         ExpertDistillation(teacher={"preset": "fashion_diffusion"})
     with pytest.raises(ConfigError, match="teacher"):
         ExpertDistillation(teacher={"presett": "fashion_clean_classifier"})
+    with pytest.raises(ConfigError, match="reference must be a classifier"):
+        ExpertDistillation(reference={"preset": "fashion_diffusion"})
 
 
 def _samples(path: Path, n: int = 8, channels: int = 1) -> Path:

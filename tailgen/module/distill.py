@@ -59,10 +59,11 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
 
 
-def teacher_spec(teacher: dict | None, key: str = "model.init_args.teacher") -> NetworkSpec:
-    """The teacher's :class:`NetworkSpec` from a dict of its arguments (``preset``, ``flags``, ``checkpoint``...)."""
+def classifier_spec(args: dict | None, key: str = "model.init_args.teacher") -> NetworkSpec:
+    """A classifier's :class:`NetworkSpec` from a dict of its arguments (``preset``, ``flags``, ``checkpoint``...;
+    None: the default teacher); ``key`` names the config key in errors."""
     try:
-        spec = NetworkSpec(**{"kind": "classifier", **(teacher or DEFAULT_TEACHER)})
+        spec = NetworkSpec(**{"kind": "classifier", **(args or DEFAULT_TEACHER)})
     except TypeError as error:
         raise ConfigError(f"{key}: {error} (give preset / flags / checkpoint / kind / prefix)") from None
     if spec.kind not in _CLASSIFIER_KINDS:
@@ -85,7 +86,7 @@ def merged_experts(checkpoint: dict) -> tuple[list[nn.Module], list[tuple[int, i
     hp, sd = checkpoint["hyper_parameters"], checkpoint["state_dict"]
     if "expert_t_ranges" not in checkpoint:
         raise ConfigError("the checkpoint holds no expert_t_ranges: it is not one of ExpertDistillation")
-    spec, ranges = teacher_spec(hp.get("teacher")), [tuple(r) for r in checkpoint["expert_t_ranges"]]
+    spec, ranges = classifier_spec(hp.get("teacher")), [tuple(r) for r in checkpoint["expert_t_ranges"]]
     nets = []
     for k in range(len(ranges)):
         prefix = f"net.experts.{k}."
@@ -127,7 +128,7 @@ class ExpertDistillation(_EMATrainer):
             raise ConfigError(f"model.init_args.tau must be > 0, got {tau}")
         if val_t_per_expert < 1:
             raise ConfigError(f"model.init_args.val_t_per_expert must be >= 1, got {val_t_per_expert}")
-        spec = teacher_spec(teacher)
+        spec = classifier_spec(teacher)
         self.process = training_process(diffusion if diffusion is not None else spec.diffusion_flags)
         steps = self.process.num_steps
         if t_ranges is None:
@@ -144,8 +145,8 @@ class ExpertDistillation(_EMATrainer):
         trainable = {id(p) for p in self.net.parameters() if p.requires_grad}
         if trainable != {id(p) for p in lora_parameters(self.net)}:  # add_lora froze every backbone weight
             raise ConfigError("ExpertDistillation: an expert's backbone weight is trainable; only LoRA factors train")
-        self.reference = NetworkSpec(**{"kind": "classifier", **reference}).build(key="model.init_args.reference") \
-            if reference else None
+        key = "model.init_args.reference"
+        self.reference = classifier_spec(reference, key).build(key=key) if reference else None
         self._init_common(lr, weight_decay, warmup_steps, 0.0, num_threads, channels_last, lr_schedule, None,
                           autocast, attention, compile)
         for net in (self.teacher, self.reference):
@@ -199,7 +200,8 @@ class ExpertDistillation(_EMATrainer):
         self.log("train/agree", terms["agree"].mean())
         which = self.net.expert_index(t)
         for k in range(self.num_experts):
-            self.log(f"train/kl_expert{k}", terms["kl"][which == k].mean())
+            if (which == k).any():  # always, unless the batch is smaller than N
+                self.log(f"train/kl_expert{k}", terms["kl"][which == k].mean())
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -227,4 +229,4 @@ class ExpertDistillation(_EMATrainer):
         checkpoint["expert_t_ranges"] = [list(r) for r in self.net.t_ranges]  # what the export needs
 
 
-__all__ = ["ExpertDistillation", "distillation_kl", "merged_experts", "student_network", "teacher_spec"]
+__all__ = ["ExpertDistillation", "distillation_kl", "merged_experts", "student_network", "classifier_spec"]
