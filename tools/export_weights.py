@@ -9,6 +9,12 @@ float16 unless --fp32, which ``tailgen.models.checkpoint.load_into`` upcasts) an
 "num_classes", "null_label", "trainer": hyper-parameters, "source": {checkpoint, global_step, epoch, weights},
 "dtype", "num_params", "meta": {...}}``. The exported file is checked by rebuilding the network from the JSON
 flags and loading it strictly.
+
+A checkpoint of ``tailgen.module.distill.ExpertDistillation`` (PPAP experts) exports each expert with its LoRA
+update merged (``merge_lora``: a plain network of the teacher's architecture, the teacher's file size) as
+``<out>/<name>_expert<k>.pt`` + ``.json`` (``meta.expert``: index, t_range, fixed_t 0), and ``<out>/<name>.yaml``:
+the expert list as a config fragment, e.g.
+``tailgen predict --config configs/fashion/adm_g.yaml --config <out>/<name>.yaml``.
 """
 
 from __future__ import annotations
@@ -26,11 +32,55 @@ from tailgen.utils.io import atomic_write
 _KINDS = {"DiffusionTrainer": "model", "ClassifierTrainer": "classifier"}
 
 
+_ARCH_OF = {"classifier": "adm", "toy_classifier": "toy_mlp", "resnet_classifier": "resnet"}
+
+
+def export_experts(ckpt: dict, ckpt_path: str | Path, name: str, out: str | Path, fp16: bool = True,
+                   meta: dict | None = None) -> list[Path]:
+    """The merged experts of an ``ExpertDistillation`` checkpoint: ``<name>_expert<k>.pt`` / ``.json`` per expert
+    and ``<name>.yaml`` (``model.init_args.classifier``: the expert list). Returns the written paths."""
+    import yaml
+
+    from tailgen.module.distill import merged_experts
+
+    nets, ranges, spec = merged_experts(ckpt)
+    hp = {k: v for k, v in dict(ckpt["hyper_parameters"]).items() if not k.startswith("_")}
+    out, written, entries = Path(out), [], []
+    for k, (net, t_range) in enumerate(zip(nets, ranges, strict=True)):
+        sd = {n: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for n, v in net.state_dict().items()}
+        pt, js = out / f"{name}_expert{k}.pt", out / f"{name}_expert{k}.json"
+        atomic_write(pt, lambda p, sd=sd: torch.save(sd, p))
+        info = {
+            "name": pt.stem, "kind": "classifier", "arch": _ARCH_OF[spec.kind], "flags": spec.flags_resolved,
+            "diffusion": dict(hp.get("diffusion") or spec.diffusion_flags),
+            "num_classes": spec.flags_resolved.get("num_classes"), "null_label": None, "trainer": hp,
+            "source": {"checkpoint": str(ckpt_path), "global_step": int(ckpt.get("global_step", -1)),
+                       "epoch": int(ckpt.get("epoch", -1)), "weights": f"net.experts.{k} (LoRA merged)"},
+            "dtype": "float16" if fp16 else "float32",
+            "num_params": int(sum(p.numel() for p in net.parameters())),
+            "meta": {**(meta or {}), "expert": {"index": k, "of": len(nets), "t_range": list(t_range), "fixed_t": 0}},
+        }
+        atomic_write(js, lambda p, info=info: p.write_text(json.dumps(info, indent=2) + "\n"))
+        base = {"preset": spec.preset} if spec.preset else {"flags": spec.flags_resolved}
+        entries.append({"class_path": "tailgen.models.spec.ExpertSpec",  # class_path: merges over a NetworkSpec
+                        "init_args": {**base, "checkpoint": str(pt), "t_range": list(t_range), "fixed_t": 0}})
+        written += [pt, js]
+    fragment = out / f"{name}.yaml"
+    text = (f"# PPAP experts exported from {ckpt_path} (step {int(ckpt.get('global_step', -1))}): the classifier of\n"
+            "# any classifier-based guidance, e.g. tailgen predict --config configs/fashion/adm_g.yaml "
+            f"--config {fragment}\n" + yaml.safe_dump({"model.init_args.classifier": entries}, sort_keys=False,
+                                                      default_flow_style=None, width=120))
+    atomic_write(fragment, lambda p: p.write_text(text))
+    return [*written, fragment]
+
+
 def export(ckpt_path: str | Path, name: str, out: str | Path = "tailgen/weights", fp16: bool = True,
-           meta: dict | None = None) -> tuple[Path, Path]:
+           meta: dict | None = None) -> tuple[Path, ...]:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     hp = dict(ckpt["hyper_parameters"])
     class_path = str(hp.get("_class_path", ""))
+    if class_path.endswith("ExpertDistillation") or "expert_t_ranges" in ckpt:
+        return tuple(export_experts(ckpt, ckpt_path, name, out, fp16, meta))
     kind = next((k for cls, k in _KINDS.items() if class_path.endswith(cls)), None)
     if kind is None:
         kind = "model" if "label_dropout" in hp else "classifier"
@@ -81,8 +131,8 @@ def main(argv=None):
     ap.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 storage)")
     ap.add_argument("--meta", default="{}", help="JSON dict stored under 'meta' (measured accuracies, commands)")
     a = ap.parse_args(argv)
-    pt, js = export(a.checkpoint, a.name, a.out, fp16=not a.fp32, meta=json.loads(a.meta))
-    print(f"wrote {pt} ({pt.stat().st_size / 1e6:.2f} MB) and {js}")
+    for path in export(a.checkpoint, a.name, a.out, fp16=not a.fp32, meta=json.loads(a.meta)):
+        print(f"wrote {path}" + (f" ({path.stat().st_size / 1e6:.2f} MB)" if path.suffix == ".pt" else ""))
 
 
 if __name__ == "__main__":

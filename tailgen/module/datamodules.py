@@ -1,6 +1,7 @@
 """Training DataModules. Datasets live in memory, and batches are gathered by one tensor index per batch
 (``BatchSampler`` -> ``dataset[list_of_indices]``), which on a 2-core CPU is ~100x cheaper than collating
-single items."""
+single items. :class:`GeneratedSamplesDataModule` trains on images the diffusion model generated (data-free
+distillation of PPAP experts, ``tailgen.module.distill``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from tailgen.data import toy
-from tailgen.data.fashion_mnist import FashionMNIST
+from tailgen.data.fashion_mnist import FashionMNIST, to_model_range
+from tailgen.utils.errors import DataError
 
 
 class TensorPairs(Dataset):
@@ -72,6 +74,45 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []
         return batch_loader(self.val_set, self.val_batch_size, shuffle=False, drop_last=False)
+
+
+class GeneratedSamplesDataModule(FashionMNISTDataModule):
+    """Generated images for fitting (data-free: their labels are passed along but a distillation does not use
+    them), a fixed slice of the real Fashion-MNIST test split (with labels) for validation.
+
+    The training images are ``arr_0`` of a ``samples.npz`` written by ``tailgen predict`` (uint8 N×H×W×1, read by
+    :func:`~tailgen.module.sampling_data.read_samples`), scaled as the real images (x / 127.5 - 1, padded to
+    ``image_size``). A missing or malformed file, colour images or fewer images than one batch: one DataError line.
+
+    Args:
+        samples: the ``samples.npz`` of generated images, e.g. ``runs/ppap_data/samples.npz``.
+        root, batch_size, image_size, num_workers, val_size, val_batch_size: as :class:`FashionMNISTDataModule`.
+    """
+
+    def __init__(self, samples: str, root: str | None = None, batch_size: int = 128, image_size: int = 28,
+                 num_workers: int = 0, val_size: int = 2000, val_batch_size: int | None = None):
+        super().__init__(root, batch_size, image_size, num_workers, val_size, val_batch_size)
+        self.samples = samples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit"):
+            from tailgen.module.sampling_data import read_samples
+
+            key = "data.init_args.samples"
+            images, labels = read_samples(self.samples, key=key)
+            n, h, w, c = images.shape
+            if c != 1:
+                raise DataError(f"{key} {self.samples} holds {h}x{w}x{c} images; Fashion-MNIST is grayscale "
+                                "(H×W×1): give samples of a Fashion-MNIST model")
+            if n < self.batch_size:
+                raise DataError(f"{key} {self.samples} holds {n} images, fewer than one batch "
+                                f"(data.init_args.batch_size {self.batch_size}): sample more or lower the batch size")
+            try:
+                x = to_model_range(images[..., 0], self.image_size)
+            except DataError as error:
+                raise DataError(f"{key} {self.samples} holds {h}x{w} images: {error}") from None
+            self.train_set = TensorPairs(x, torch.as_tensor(labels, dtype=torch.int64))
+        super().setup(stage)
 
 
 class ToyDataModule(L.LightningDataModule):

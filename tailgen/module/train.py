@@ -113,7 +113,8 @@ class _EMATrainer(L.LightningModule):
             torch.set_num_threads(self.num_threads)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        params = [p for p in self.net.parameters() if p.requires_grad]  # all, or the LoRA factors (distill.py)
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         if self.warmup_steps <= 0 and self.lr_schedule == "constant":
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self.lr_schedule == "cosine" else 0
