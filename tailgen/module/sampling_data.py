@@ -68,6 +68,23 @@ def sample_labels(spec: LabelSpec, num_samples: int, num_classes: Optional[int],
     return classes[np.arange(num_samples) % classes.size]
 
 
+def low_res_inputs(low_res: Optional[torch.Tensor], shape: Optional[tuple[int, int, int]], n: Optional[int],
+                   device: torch.device | str) -> dict:
+    """A network's extra inputs: ``{"low_res": ...}`` for an upsampler taking (C, h, w) = ``shape`` low-res images
+    (float N x C x h x w in [-1, 1], one per sample, moved to ``device``), else nothing (``shape`` None);
+    ConfigError when an upsampler has none or another network is given one."""
+    if shape is None:
+        if low_res is not None:
+            raise ConfigError(NOT_AN_UPSAMPLER)
+        return {}
+    if low_res is None:
+        raise ConfigError(NEEDS_LOW_RES)
+    if tuple(low_res.shape[1:]) != tuple(shape) or (n is not None and len(low_res) != n):
+        raise ConfigError(f"the upsampler takes low_res of shape (N, {', '.join(map(str, shape))}) "
+                          f"with one image per sample, got {tuple(low_res.shape)} for {n} samples")
+    return {"low_res": low_res.to(device, torch.float32)}
+
+
 def batch_plan(num_samples: int, batch_size: int, skip: Iterable[int] = ()) -> list[np.ndarray]:
     """The batches of a run: batch b = indices ``[b*batch_size, (b+1)*batch_size)`` without those in ``skip``
     (already written by an earlier, interrupted run); batches left empty are dropped."""
