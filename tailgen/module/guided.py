@@ -23,7 +23,7 @@ from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.guidance.stack import guidance_configs
 from tailgen.models.spec import ExpertSpec, NetworkSpec, build_experts
-from tailgen.models.speed import check_quantize, fast_network, prepare_network, resolve_autocast
+from tailgen.models.speed import check_quantize, fast_network, no_donated_buffers, prepare_network, resolve_autocast
 from tailgen.models.unet import check_labels
 from tailgen.module.evaluation import LABELLED_METRICS, GridSamples, Evaluation, as_floats, format_table, write_report
 from tailgen.module.quantize import int8_network
@@ -257,8 +257,9 @@ class GuidedDiffusion(L.LightningModule):
             check_labels(labels, self.num_classes, fix="fix data.labels")  # the real classes, not a null label
         model_kwargs = self.check_low_res(low_res, len(labels) if labels is not None else
                                           len(seeds) if seeds is not None else None)
-        # Lightning may run predict/test under inference mode: leave it, so guidance gradients work.
-        with torch.inference_mode(False), torch.no_grad():
+        # Lightning may run predict/test under inference mode: leave it, so guidance gradients work; no_donated_buffers:
+        # a compiled classifier forward is differentiated once per objective (models/speed.py)
+        with torch.inference_mode(False), torch.no_grad(), no_donated_buffers():
             labels = labels.clone() if labels is not None else None
             if noise is None:
                 if seeds is None:
