@@ -3,6 +3,7 @@
 * ``LinearClassifier``: logits = W x.flatten() + b, so grad_x log p(y|x) = W_y - sum_c p_c W_c.
 * ``two_class_at(q)``: a 2-class linear classifier and a point where p(y=0|x) = q exactly (p is controllable).
 * ``LinearDenoiser``: eps = a x + shift[label], so x0_hat = c x - d shift with closed-form c, d.
+* ``CountingGuidance``: ADM classifier guidance that counts its ``validate`` calls (when the stack is checked).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import torch
 
 from tailgen.diffusion import DiffusionProcess, Prediction
-from tailgen.guidance import StepContext
+from tailgen.guidance import ClassifierGuidance, StepContext
 
 SHAPE = (3, 2, 2)  # tiny images: D = 12
 
@@ -78,3 +79,15 @@ def make_ctx(x, i=5, *, process=None, labels=None, noisy_classifier=None, denois
 
 def batch(n: int = 4, seed: int = 2, scale: float = 1.0) -> torch.Tensor:
     return scale * torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+class CountingGuidance(ClassifierGuidance):
+    """``ClassifierGuidance`` that counts its ``validate`` calls in ``validations``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.validations = 0
+
+    def validate(self, **kwargs):
+        self.validations += 1
+        super().validate(**kwargs)

@@ -104,6 +104,7 @@ def test_dataset_converts_like_guided_diffusion(tmp_path):
     ("no_low_res", ["needs the low-resolution images", "data.init_args.low_res"]),
     ("not_npz", ["data.low_res"]),
     ("untrained", ["fashion_upsampler", "no trained weights exist yet", "model.init_args.network.checkpoint"]),
+    ("labels_conflict", ["data.labels=3 conflicts with data.low_res", "low-res samples.npz", "default (uniform)"]),
 ])
 def test_bad_low_res_gives_one_line(tmp_path, capsys, case, words):
     low, extra = first_stage(tmp_path / "stage1.npz"), []
@@ -122,6 +123,8 @@ def test_bad_low_res_gives_one_line(tmp_path, capsys, case, words):
         extra = ["--model.init_args.network=null", "--model.init_args.network.preset=fashion_diffusion"]
     elif case == "no_low_res":
         extra = ["--data.init_args.low_res=null"]
+    elif case == "labels_conflict":  # the labels come from the low-res file: another setting would be ignored
+        extra = ["--data.init_args.labels=3"]
     elif case == "untrained":  # the shipped config as it stands: its preset has no weights yet
         extra = ["--model.init_args.network.init_args.random_init=false"]
     with pytest.raises(SystemExit) as exit_info:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from conftest import FIXTURES
+from guidance_stubs import CountingGuidance
 
 from tailgen.cli import main
 from tailgen.diffusion.noise import ReplayNoise
@@ -46,16 +47,6 @@ def test_module_reproduces_reference_trajectories(run):
     for k, x in enumerate(xs):
         torch.testing.assert_close(x, ref["x_seq"][k], atol=1e-4, rtol=0, msg=f"{run}: step {k}")
     torch.testing.assert_close(out, ref["final"], atol=1e-4, rtol=0)
-
-
-class CountingGuidance(ClassifierGuidance):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.validations = 0
-
-    def validate(self, **kwargs):
-        self.validations += 1
-        super().validate(**kwargs)
 
 
 def test_the_guidance_stack_is_validated_at_construction_only():

@@ -143,17 +143,33 @@ def test_fashion_preset_int8_within_tolerance(fashion):
     # inputs along float32 trajectories, every step
     wanted = {fp32.process.model_timesteps(i, 1, "cpu").item(): [0, 1, 2, 3] for i in range(10)}
     recorder = mq.Recorder(fp32.net, wanted, 4)
-    fp32._fast[("network", "cpu")] = recorder
-    try:
+    with fp32.sampling_with(recorder):
         fp32.sample(labels, seeds + 100)
-    finally:
-        fp32._fast.clear()
     x, t, kw = mq.batches_of(recorder.records, 40)[0]
     with torch.no_grad():
         ref, out = fp32.net(x, t, **kw)[:, :1], quantized(x, t, **kw)[:, :1]
     assert len(x) == 40 and rel_rms(out, ref) <= 0.03
     for value in t.unique():
         assert rel_rms(out[t == value], ref[t == value]) <= (0.08 if value == 0 else 0.025), value
+
+
+def test_sampling_with_calls_the_given_network_eagerly_and_restores_the_module():
+    module = GuidedDiffusion(NetworkSpec(flags=UNET, random_init=True), diffusion={"timestep_respacing": "2"},
+                             check_samples=False, compile=True, autocast="bf16")
+    hook, calls = lambda info: None, []
+    module.step_hook, cache = hook, module._fast
+
+    def network(x, t, **kwargs):
+        calls.append(len(x))
+        return module.net(x, t, **kwargs)
+
+    with pytest.raises(RuntimeError, match="inside"), module.sampling_with(network):
+        assert (module.compile_networks, module.autocast, module.progress, module.step_hook) == (False, None, False, None)
+        out = module.sample(torch.tensor([1, 2, 3]), torch.arange(3))
+        assert out.dtype == torch.float32 and calls == [3, 3]  # the given network at both steps, nothing compiled
+        raise RuntimeError("inside")
+    assert (module.compile_networks, module.autocast, module.progress, module.step_hook) == (True, "bf16", True, hook)
+    assert module._fast is cache and cache == {}
 
 
 def test_bad_values_and_devices():

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from guidance_stubs import CountingGuidance
 
 from tailgen.diffusion import ADMDenoiser, DiffusionProcess, NoisyClassifier, Prediction, ReplayNoise, SeededNoise
 from tailgen.guidance import GuidanceStack
@@ -76,16 +77,6 @@ def test_bad_requests():
                torch.tensor([0]))
     with pytest.raises(SamplingError, match="exhausted"):  # 10 steps, 9 recorded draws
         sample("ddpm", SamplingRun(zero, noise=ReplayNoise(x, torch.randn(9, 1, *SHAPE))), x, p)
-
-
-class CountingGuidance(ClassifierGuidance):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.validations = 0
-
-    def validate(self, **kwargs):
-        self.validations += 1
-        super().validate(**kwargs)
 
 
 def test_a_stack_is_validated_once_per_setup_and_an_unvalidated_one_still_fails():

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from tailgen.guidance import ClassifierGuidance
+from tailgen.guidance import ClassifierGuidance, LowDensityGuidance
 from tailgen.guidance.base import ClassifierEval
 from tailgen.models import speed
 from tailgen.models.spec import NetworkSpec
@@ -31,12 +31,12 @@ CLF = dict(image_size=16, in_channels=3, num_classes=10, classifier_width=32, cl
            classifier_attention_resolutions="8", classifier_channel_mult="1,2")
 
 
-def build(**options) -> GuidedDiffusion:
+def build(guidances=None, **options) -> GuidedDiffusion:
     """The same tiny guided model for every option: seeded init, zero-initialised layers filled (seeded)."""
     torch.manual_seed(0)
     module = GuidedDiffusion(
         NetworkSpec(flags=UNET, random_init=True), NetworkSpec(kind="classifier", flags=CLF, random_init=True),
-        diffusion={"timestep_respacing": "4"}, guidances={"classifier": ClassifierGuidance(scale=2.0)},
+        diffusion={"timestep_respacing": "4"}, guidances=guidances or {"classifier": ClassifierGuidance(scale=2.0)},
         progress=False, check_samples=False, **options)
     generator = torch.Generator().manual_seed(1)
     for _, param in sorted(module.named_parameters()):
@@ -129,8 +129,26 @@ def test_compile_plumbing_eager_backend(monkeypatch, fp32):
     assert set(module.state_dict()) == keys
 
 
+INDUCTOR = pytest.mark.skipif(os.environ.get("TAILGEN_TEST_INDUCTOR") != "1",
+                              reason="inductor compile takes minutes on 2 cores: TAILGEN_TEST_INDUCTOR=1 to run")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("TAILGEN_TEST_INDUCTOR") != "1",
-                    reason="inductor compile takes minutes on 2 cores: TAILGEN_TEST_INDUCTOR=1 to run")
+@INDUCTOR
 def test_compile_inductor(fp32):
     assert max(errors(measure(build(compile=True)), fp32).values()) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, INDUCTOR])])
+def test_compile_takes_a_second_batch_size_with_classifier_gradients(monkeypatch, backend):
+    """Regression: compile=True with ClassifierGuidance failed at the first batch of another size ("non-empty
+    donated buffers"): dynamo recompiles with a dynamic batch, whose backward AOT autograd compiles with donated
+    buffers, which ClassifierEval's retain_graph backwards forbid (models/speed.py ``no_donated_buffers``). Two
+    objectives on one classifier forward (log p(y), entropy), samples as eager's at both batch sizes."""
+    compile_ = torch.compile
+    monkeypatch.setattr(speed.torch, "compile", lambda net, **kwargs: compile_(net, backend=backend, **kwargs))
+    guidances = {"cg": ClassifierGuidance(scale=2.0), "tail": LowDensityGuidance(variant="entropy", scale=1.0)}
+    eager, compiled = build(guidances), build(guidances, compile=True)
+    for n in (4, 3):
+        labels, seeds = torch.arange(n), torch.arange(n) + 10
+        torch.testing.assert_close(compiled.sample(labels, seeds), eager.sample(labels, seeds), atol=1e-4, rtol=0)

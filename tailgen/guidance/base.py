@@ -270,6 +270,45 @@ class Guidance:
         return x_prev
 
 
+class UnconditionalPath:
+    """Mixin (listed before ``Guidance``) of the guidances that need the unconditional prediction eps(x_t, no class).
+
+    It comes from the conditional network called with every label replaced by ``null_label`` (the "no class"
+    token of a model trained with label dropout), else from a separate unconditional model (``ctx.uncond``, config
+    key ``model.unconditional``); ``null_label`` wins when both exist. A subclass calls ``set_null_label`` in its
+    ``__init__`` and states the fix for a missing path in ``no_uncond``, raised by ``validate`` (up front) and by
+    ``unconditional`` (at run time, for a stack that was never validated).
+    """
+
+    no_uncond: ClassVar[str] = "this guidance needs an unconditional model or a null_label"
+    null_label: Optional[int] = None
+
+    def set_null_label(self, null_label: Optional[int]) -> None:
+        if null_label is not None and (isinstance(null_label, bool) or int(null_label) != null_label or null_label < 0):
+            raise ConfigError(f"{type(self).__name__}: null_label must be a non-negative integer or null, "
+                              f"got {null_label!r}")
+        self.null_label = None if null_label is None else int(null_label)
+
+    @property
+    def uses_uncond(self) -> bool:
+        """True when the separate unconditional model is used (no ``null_label``)."""
+        return self.null_label is None
+
+    def validate(self, *, sampler: str, has_classifier: bool, has_uncond: bool) -> None:
+        super().validate(sampler=sampler, has_classifier=has_classifier, has_uncond=has_uncond)  # type: ignore[misc]
+        if self.uses_uncond and not has_uncond:
+            raise ConfigError(self.no_uncond)
+
+    def unconditional(self, ctx: StepContext, x: Tensor) -> Any:
+        """The unconditional ``Prediction`` (eps, log_var) at (x, ctx.i): the null label's, else ``ctx.uncond``'s."""
+        if self.null_label is not None:
+            labels = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+            return ctx.denoiser(x, ctx.i, labels)
+        if ctx.uncond is None:
+            raise ConfigError(self.no_uncond)
+        return ctx.uncond(x, ctx.i)
+
+
 class GradientGuidance(Guidance):
     """A guidance given by a direction g(x_t) (usually a classifier gradient), applied as
 

@@ -35,14 +35,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tailgen.guidance.base import Guidance, StepContext
+from tailgen.guidance.base import Guidance, StepContext, UnconditionalPath
 from tailgen.utils import ConfigError
 
-_NO_UNCOND = ("BiNoising needs an unconditional model: set model.init_args.unconditional (e.g. preset "
-              "256x256_diffusion_uncond) or the guidance's null_label (10 for fashion_diffusion)")
 
-
-class BiNoising(Guidance):
+class BiNoising(UnconditionalPath, Guidance):
     """Re-noise the conditional step's output and take the unconditional model's reverse step (H5; see the module
     docstring for the equations).
 
@@ -55,32 +52,15 @@ class BiNoising(Guidance):
         **kwargs: t_min, t_max, every, schedule, start, stop: the shared window and schedule of ``Guidance``.
     """
 
+    no_uncond = ("BiNoising needs an unconditional model: set model.init_args.unconditional (e.g. preset "
+                 "256x256_diffusion_uncond) or the guidance's null_label (10 for fashion_diffusion)")
+
     def __init__(self, scale: float = 1.0, null_label: Optional[int] = None, clip_denoised: bool = True, **kwargs):
         super().__init__(scale=scale, **kwargs)
         if scale < 0:
             raise ConfigError(f"BiNoising: scale must be >= 0 (1 = the paper's rule, 0 = off), got {scale}")
-        if null_label is not None and (isinstance(null_label, bool) or int(null_label) != null_label or null_label < 0):
-            raise ConfigError(f"BiNoising: null_label must be a non-negative integer or null, got {null_label!r}")
-        self.null_label = None if null_label is None else int(null_label)
+        self.set_null_label(null_label)
         self.clip_denoised = bool(clip_denoised)
-
-    @property
-    def uses_uncond(self) -> bool:  # type: ignore[override]
-        return self.null_label is None
-
-    def validate(self, *, sampler: str, has_classifier: bool, has_uncond: bool) -> None:
-        super().validate(sampler=sampler, has_classifier=has_classifier, has_uncond=has_uncond)
-        if self.null_label is None and not has_uncond:
-            raise ConfigError(_NO_UNCOND)
-
-    def unconditional(self, ctx: StepContext, x: Tensor):
-        """The unconditional model's ``Prediction`` (eps, log_var) at (x, i)."""
-        if self.null_label is not None:
-            labels = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
-            return ctx.denoiser(x, ctx.i, labels)
-        if ctx.uncond is None:
-            raise ConfigError(_NO_UNCOND)
-        return ctx.uncond(x, ctx.i)
 
     def after_step(self, ctx: StepContext, x_prev: Tensor, w: float | Tensor) -> Tensor:
         if not isinstance(w, Tensor) and w == 0.0:

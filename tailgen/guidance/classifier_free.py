@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from tailgen.guidance.base import Guidance, StepContext
-from tailgen.utils import ConfigError
-
-_NO_UNCOND = (
-    "CFG needs an unconditional path: set model.unconditional or the guidance's null_label "
-    "(model.unconditional: a separate unconditional model, e.g. the official 256x256 uncond checkpoint; "
-    "null_label: the null-class index of a model trained with label dropout)"
-)
+from tailgen.guidance.base import Guidance, StepContext, UnconditionalPath
 
 
-class ClassifierFreeGuidance(Guidance):
+class ClassifierFreeGuidance(UnconditionalPath, Guidance):
     """Classifier-free guidance at hook H1 (``guide_eps``)::
 
         eps <- (1 + w) eps(x_t, y) - w eps(x_t, null)
@@ -38,31 +30,17 @@ class ClassifierFreeGuidance(Guidance):
         **kwargs: the window and schedule of ``Guidance`` (t_min, t_max, every, schedule, start, stop).
     """
 
+    no_uncond = ("ClassifierFreeGuidance: CFG needs an unconditional path: set model.unconditional or the guidance's "
+                 "null_label (model.unconditional: a separate unconditional model, e.g. the official 256x256 uncond "
+                 "checkpoint; null_label: the null-class index of a model trained with label dropout)")
+
     def __init__(self, scale: float = 1.0, null_label: Optional[int] = None, **kwargs):
         super().__init__(scale=scale, **kwargs)
-        if null_label is not None and (isinstance(null_label, bool) or int(null_label) != null_label or null_label < 0):
-            raise ConfigError(
-                f"ClassifierFreeGuidance: null_label must be a non-negative integer or null, got {null_label!r}"
-            )
-        self.null_label = None if null_label is None else int(null_label)
-
-    @property
-    def uses_uncond(self) -> bool:  # type: ignore[override]
-        return self.null_label is None
-
-    def validate(self, *, sampler: str, has_classifier: bool, has_uncond: bool) -> None:
-        super().validate(sampler=sampler, has_classifier=has_classifier, has_uncond=has_uncond)
-        if self.null_label is None and not has_uncond:
-            raise ConfigError(f"ClassifierFreeGuidance: {_NO_UNCOND}")
+        self.set_null_label(null_label)
 
     def unconditional_eps(self, ctx: StepContext, x: Tensor) -> Tensor:
-        """eps(x_t, null) from the null label or the unconditional model."""
-        if self.null_label is not None:
-            labels = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
-            return ctx.denoiser(x, ctx.i, labels).eps
-        if ctx.uncond is None:
-            raise ConfigError(f"ClassifierFreeGuidance: {_NO_UNCOND}")
-        return ctx.uncond(x, ctx.i).eps
+        """eps(x_t, null) from the null label or the unconditional model (``UnconditionalPath``)."""
+        return self.unconditional(ctx, x).eps
 
     def guide_eps(self, ctx: StepContext, eps: Tensor, w: float | Tensor) -> Tensor:
         if not isinstance(w, Tensor) and w == 0.0:

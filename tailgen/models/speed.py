@@ -11,7 +11,7 @@ memory layout, the attention kernel and ``torch.compile``. Plain PyTorch; ``Guid
 * ``attention``: ``"matmul"`` (explicit softmax(q^T k / sqrt(c)) v, float32 softmax), ``"sdpa"``
   (``F.scaled_dot_product_attention``) or ``"auto"`` (SDPA off-CPU, matmul on CPU).
 * ``compile``: ``torch.compile`` of the network's forward (the module itself is unchanged, so its state dict
-  and attributes stay as they are).
+  and attributes stay as they are). Guided sampling runs inside ``no_donated_buffers()`` (see there).
 * ``quantize``: ``"int8"`` runs the diffusion UNet's convolutions as calibrated int8 oneDNN kernels on the CPU
   (``models/quantize.py``; calibration inputs from the sampler: ``module/quantize.py``); its other layers stay
   float32, so it excludes ``autocast``, and it runs eagerly (``compile`` then compiles the classifier only).
@@ -19,6 +19,7 @@ memory layout, the attention kernel and ``torch.compile``. Plain PyTorch; ``Guid
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from pathlib import Path
@@ -134,6 +135,23 @@ def fast_network(net: nn.Module, *, autocast: Optional[torch.dtype] = None, comp
     not changed (``prepare_network`` does the in-place ones)."""
     call = torch.compile(net) if compile else net
     return AutocastCall(call, autocast) if autocast is not None else call
+
+
+def no_donated_buffers() -> contextlib.AbstractContextManager:
+    """The scope of a guided sampling run: AOT autograd's donated buffers off (torch.compile; no effect on eager
+    networks, and torch < 2.6 has none).
+
+    A compiled graph's backward may free or reuse ("donate") the activations its forward saved, which is only valid
+    when each forward is differentiated once. Guided sampling differentiates one classifier forward once per
+    objective (``ClassifierEval.grad``: log p(y), entropy, log(1 - p), ... with ``retain_graph=True``), so no graph
+    it runs may donate. The setting counts where a graph is compiled (at its first call for each new input shape,
+    the batch size among them) and where its backward runs, hence one scope around the whole run. Without it a
+    second batch size (dynamo then recompiles with a dynamic batch dimension, and AOT autograd compiles such a
+    graph's backward at once, donating) failed at the first backward with "non-empty donated buffers" (a static
+    graph's backward is compiled lazily, at its first backward, which sees retain_graph and donates nothing).
+    """
+    config = torch._functorch.config
+    return config.patch(donated_buffer=False) if hasattr(config, "donated_buffer") else contextlib.nullcontext()
 
 
 def time_first_call(fn: Callable[[], object]) -> float:

@@ -6,8 +6,9 @@ Lightning handles devices, DDP and precision; everything below this file is plai
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -22,12 +23,12 @@ from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.guidance.stack import guidance_configs
 from tailgen.models.spec import ExpertSpec, NetworkSpec, build_experts
-from tailgen.models.speed import check_quantize, fast_network, prepare_network, resolve_autocast
+from tailgen.models.speed import check_quantize, fast_network, no_donated_buffers, prepare_network, resolve_autocast
 from tailgen.models.unet import check_labels
 from tailgen.module.evaluation import LABELLED_METRICS, GridSamples, Evaluation, as_floats, format_table, write_report
 from tailgen.module.quantize import int8_network
 from tailgen.module.run_folder import output_path
-from tailgen.module.sampling_data import NEEDS_LOW_RES, NOT_AN_UPSAMPLER, sample_seed
+from tailgen.module.sampling_data import low_res_inputs, sample_seed
 from tailgen.sampling import SAMPLERS, SamplingRun
 from tailgen.sampling.sanity import SampleMonitor
 from tailgen.utils import ConfigError
@@ -226,21 +227,23 @@ class GuidedDiffusion(L.LightningModule):
             return None
         return NoisyClassifier(self._fast_call("classifier", self.classifier_net), self.process)
 
+    @contextmanager
+    def sampling_with(self, network: Callable) -> Iterator[None]:
+        """Within the block ``sample`` calls ``network`` (e.g. a recorder of its inputs) as the diffusion UNet, all
+        networks eager in float32 (no compile, autocast, int8), no progress display; all restored on exit (int8)."""
+        saved = self._fast, self.step_hook, self.progress, self.compile_networks, self.autocast
+        self._fast = {("network", self.device.type): network}  # a cache of its own for the block
+        self.step_hook, self.progress, self.compile_networks, self.autocast = None, False, False, None
+        try:
+            yield
+        finally:
+            self._fast, self.step_hook, self.progress, self.compile_networks, self.autocast = saved
+
     # ------------------------------------------------------------------------------------------------ sampling
 
     def check_low_res(self, low_res: Optional[Tensor], n: Optional[int]) -> dict:
-        """The network's extra inputs: ``{"low_res": ...}`` for an upsampler (float N x C x h x w in [-1, 1], one per
-        sample), else nothing; ConfigError when an upsampler has none or another network is given one."""
-        if self.low_res_shape is None:
-            if low_res is not None:
-                raise ConfigError(NOT_AN_UPSAMPLER)
-            return {}
-        if low_res is None:
-            raise ConfigError(NEEDS_LOW_RES)
-        if tuple(low_res.shape[1:]) != self.low_res_shape or (n is not None and len(low_res) != n):
-            raise ConfigError(f"the upsampler takes low_res of shape (N, {', '.join(map(str, self.low_res_shape))}) "
-                              f"with one image per sample, got {tuple(low_res.shape)} for {n} samples")
-        return {"low_res": low_res.to(self.device, torch.float32)}
+        """The network's extra inputs for ``n`` samples (``sampling_data.low_res_inputs``)."""
+        return low_res_inputs(low_res, self.low_res_shape, n, self.device)
 
     def sample(self, labels: Optional[Tensor], seeds: Optional[Tensor] = None, *, noise: Optional[NoiseSource] = None,
                callback: Optional[Callable[[dict], None]] = None, low_res: Optional[Tensor] = None) -> Tensor:
@@ -254,8 +257,9 @@ class GuidedDiffusion(L.LightningModule):
             check_labels(labels, self.num_classes, fix="fix data.labels")  # the real classes, not a null label
         model_kwargs = self.check_low_res(low_res, len(labels) if labels is not None else
                                           len(seeds) if seeds is not None else None)
-        # Lightning may run predict/test under inference mode: leave it, so guidance gradients work.
-        with torch.inference_mode(False), torch.no_grad():
+        # Lightning may run predict/test under inference mode: leave it, so guidance gradients work; no_donated_buffers:
+        # a compiled classifier forward is differentiated once per objective (models/speed.py)
+        with torch.inference_mode(False), torch.no_grad(), no_donated_buffers():
             labels = labels.clone() if labels is not None else None
             if noise is None:
                 if seeds is None:

@@ -99,30 +99,25 @@ def collect_calibration(module: "GuidedDiffusion", count: int, *, per_trajectory
     ``module`` samples with its float network (see the module doc)."""
     if count < 1 or per_trajectory < 1:
         raise ConfigError(f"calibration must be >= 1 input (got {count})")
-    process, key = module.process, ("network", module.device.type)
+    process = module.process
     trajectories = math.ceil(count / per_trajectory)
     steps = ndtc_steps(count, process.num_steps, mean=mean, std=std, generator=torch.Generator().manual_seed(seed))
     num_classes = module.num_classes
     labels = torch.arange(trajectories) % num_classes if num_classes is not None else None
     seeds = torch.tensor([sample_seed(seed, k) for k in range(trajectories)])
-    saved = module._fast, module.step_hook, module.progress, module.compile_networks
     records = []
-    try:  # a network cache of its own: the calibration runs are float32, eager and without the progress hook
-        module._fast, module.step_hook, module.progress, module.compile_networks = {}, None, False, False
-        for start in range(0, trajectories, batch_size):
-            rows = range(start, min(start + batch_size, trajectories))
-            wanted: dict[float, list[int]] = defaultdict(list)
-            for j in range(count):  # draw j belongs to trajectory j mod trajectories
-                if j % trajectories in rows:
-                    t = process.model_timesteps(int(steps[j]), 1, "cpu")[0].item()
-                    wanted[t].append(j % trajectories - start)
-            recorder = Recorder(module.net, wanted, len(rows))
-            module._fast[key] = recorder  # module.sample's denoiser calls the recorder (float network)
+    for start in range(0, trajectories, batch_size):
+        rows = range(start, min(start + batch_size, trajectories))
+        wanted: dict[float, list[int]] = defaultdict(list)
+        for j in range(count):  # draw j belongs to trajectory j mod trajectories
+            if j % trajectories in rows:
+                t = process.model_timesteps(int(steps[j]), 1, "cpu")[0].item()
+                wanted[t].append(j % trajectories - start)
+        recorder = Recorder(module.net, wanted, len(rows))
+        with module.sampling_with(recorder):  # the float network, eager, float32, no progress display
             module.sample(None if labels is None else labels[rows.start:rows.stop].to(module.device),
                           seeds[rows.start:rows.stop])
-            records += recorder.records
-    finally:
-        module._fast, module.step_hook, module.progress, module.compile_networks = saved
+        records += recorder.records
     return batches_of(records, batch_size)
 
 

@@ -34,6 +34,7 @@ NEEDS_LOW_RES = ("model.init_args.network is an upsampler: it needs the low-reso
 
 # int before str: `--data.labels 3` on the command line is class 3, not the string "3".
 LabelSpec = Union[int, list[int], str]
+DEFAULT_LABELS = "uniform"
 
 
 def sample_seed(base_seed: int, index: int) -> int:
@@ -66,6 +67,23 @@ def sample_labels(spec: LabelSpec, num_samples: int, num_classes: Optional[int],
     if num_classes is not None:
         check_labels(classes, num_classes, fix="fix data.labels")
     return classes[np.arange(num_samples) % classes.size]
+
+
+def low_res_inputs(low_res: Optional[torch.Tensor], shape: Optional[tuple[int, int, int]], n: Optional[int],
+                   device: torch.device | str) -> dict:
+    """A network's extra inputs: ``{"low_res": ...}`` for an upsampler taking (C, h, w) = ``shape`` low-res images
+    (float N x C x h x w in [-1, 1], one per sample, moved to ``device``), else nothing (``shape`` None);
+    ConfigError when an upsampler has none or another network is given one."""
+    if shape is None:
+        if low_res is not None:
+            raise ConfigError(NOT_AN_UPSAMPLER)
+        return {}
+    if low_res is None:
+        raise ConfigError(NEEDS_LOW_RES)
+    if tuple(low_res.shape[1:]) != tuple(shape) or (n is not None and len(low_res) != n):
+        raise ConfigError(f"the upsampler takes low_res of shape (N, {', '.join(map(str, shape))}) "
+                          f"with one image per sample, got {tuple(low_res.shape)} for {n} samples")
+    return {"low_res": low_res.to(device, torch.float32)}
 
 
 def batch_plan(num_samples: int, batch_size: int, skip: Iterable[int] = ()) -> list[np.ndarray]:
@@ -211,13 +229,14 @@ class SamplingDataModule(L.LightningDataModule):
         num_classes: defaults to the model's ``num_classes``.
         samples: an existing ``samples.npz`` to evaluate in ``tailgen test`` instead of sampling.
         low_res: a first stage's ``samples.npz`` for an upsampler (cascade): sample k upsamples image k of that file
-            and keeps its label (``labels`` is then not used); the first ``num_samples`` images are upsampled.
+            and keeps its label; the first ``num_samples`` images are upsampled. ``labels`` must then stay at its
+            default (another value is a ConfigError: it would be ignored).
     Under DDP every sample is generated exactly once: whole batches go round-robin to the ranks (no padding by
     repetition; in predict a rank may get no batch). The prediction writer reads :meth:`plan` (labels and seeds
     of every index, to verify shards) and calls :meth:`skip` with the indices it already has (resume).
     """
 
-    def __init__(self, num_samples: int = 64, labels: LabelSpec = "uniform", seed: int = 0, batch_size: int = 16,
+    def __init__(self, num_samples: int = 64, labels: LabelSpec = DEFAULT_LABELS, seed: int = 0, batch_size: int = 16,
                  num_classes: Optional[int] = None, samples: Optional[str] = None, low_res: Optional[str] = None):
         super().__init__()
         # predict with fewer batches than processes leaves some ranks without one; the writer syncs in teardown
@@ -228,6 +247,9 @@ class SamplingDataModule(L.LightningDataModule):
         if samples is not None and low_res is not None:
             raise ConfigError("data.samples (evaluate existing samples) and data.low_res (upsample a first stage) "
                               "exclude each other: drop one")
+        if low_res is not None and labels != DEFAULT_LABELS:
+            raise ConfigError(f"data.labels={labels!r} conflicts with data.low_res: a cascade's labels come from the "
+                              f"low-res samples.npz (its arr_1), so leave data.labels at its default ({DEFAULT_LABELS})")
         self.num_classes, self.samples, self.low_res = num_classes, samples, low_res
         self.dataset: Optional[Dataset] = None
         self.skipped: np.ndarray = np.zeros(0, dtype=np.int64)
