@@ -5,10 +5,10 @@
 
 Writes ``<out>/<name>.pt`` (tensors only; loads with ``torch.load(weights_only=True)``; floating tensors in
 float16 unless --fp32, which ``tailgen.models.checkpoint.load_into`` upcasts) and ``<out>/<name>.json``:
-``{"name", "kind": "model" | "classifier", "arch": "adm" | "toy_mlp", "flags": builder flags, "diffusion": flags,
-"num_classes", "null_label", "trainer": hyper-parameters, "source": {checkpoint, global_step, epoch, weights},
-"dtype", "num_params", "meta": {...}}``. The exported file is checked by rebuilding the network from the JSON
-flags and loading it strictly.
+``{"name", "kind": "model" | "upsampler" | "classifier", "arch": "adm" | "toy_mlp", "flags": builder flags,
+"diffusion": flags, "num_classes", "null_label", "trainer": hyper-parameters, "source": {checkpoint, global_step,
+epoch, weights}, "dtype", "num_params", "meta": {...}}`` (``upsampler``: a ``SuperResTrainer`` checkpoint). The
+exported file is checked by rebuilding the network from the JSON flags and loading it strictly.
 
 A checkpoint of ``tailgen.module.distill.ExpertDistillation`` (PPAP experts) exports each expert with its LoRA
 update merged (``merge_lora``: a plain network of the teacher's architecture, the teacher's file size) as
@@ -29,7 +29,7 @@ from tailgen.models.presets import build_network
 from tailgen.module.train import ema_state_dict
 from tailgen.utils.io import atomic_write
 
-_KINDS = {"DiffusionTrainer": "model", "ClassifierTrainer": "classifier"}
+_KINDS = {"DiffusionTrainer": "model", "SuperResTrainer": "upsampler", "ClassifierTrainer": "classifier"}
 
 
 _ARCH_OF = {"classifier": "adm", "toy_classifier": "toy_mlp", "resnet_classifier": "resnet"}
@@ -83,7 +83,7 @@ def export(ckpt_path: str | Path, name: str, out: str | Path = "tailgen/weights"
         return tuple(export_experts(ckpt, ckpt_path, name, out, fp16, meta))
     kind = next((k for cls, k in _KINDS.items() if class_path.endswith(cls)), None)
     if kind is None:
-        kind = "model" if "label_dropout" in hp else "classifier"
+        kind = ("upsampler" if "large_size" in hp["network"] else "model") if "label_dropout" in hp else "classifier"
     sd, which = ema_state_dict(ckpt)
     sd = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     arch, flags = hp.get("arch", "adm"), dict(hp["network"])
@@ -99,8 +99,8 @@ def export(ckpt_path: str | Path, name: str, out: str | Path = "tailgen/weights"
         "arch": arch,
         "flags": flags,
         "diffusion": dict(hp.get("diffusion") or {}),
-        "num_classes": num_classes if kind == "model" else flags.get("num_classes"),
-        "null_label": num_classes if kind == "model" and hp.get("label_dropout", 0) > 0 else None,
+        "num_classes": num_classes if kind != "classifier" else flags.get("num_classes"),
+        "null_label": num_classes if kind != "classifier" and hp.get("label_dropout", 0) > 0 else None,
         "trainer": {k: v for k, v in hp.items() if k not in ("network", "diffusion") and not k.startswith("_")},
         "source": {"checkpoint": str(ckpt_path), "global_step": int(ckpt.get("global_step", -1)),
                    "epoch": int(ckpt.get("epoch", -1)), "weights": which},

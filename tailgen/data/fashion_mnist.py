@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tailgen.data.resize import area_downsample
 from tailgen.utils.errors import DataError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -104,19 +105,25 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 
 
 def to_model_range(images_uint8: torch.Tensor | np.ndarray, image_size: int = 28) -> torch.Tensor:
-    """uint8 (N, H, W) -> float32 (N, 1, S, S) in [-1, 1] (x/127.5 - 1), zero-padded with -1 (black) to S."""
+    """uint8 (N, H, W) -> float32 (N, 1, S, S) in [-1, 1] (x/127.5 - 1): zero-padded with -1 (black) to S > H, or
+    area-downsampled to S dividing H and rounded to uint8 levels (``tailgen.data.resize.area_downsample``: the
+    images of a cascade's first stage are the low_res its upsampler is trained on)."""
     x = torch.as_tensor(images_uint8).float().div(127.5).sub(1.0).unsqueeze(1)
     h = x.shape[-1]
+    if image_size < h and image_size > 0 and h % image_size == 0:
+        return area_downsample(x, image_size).contiguous()
     if image_size != h:
         if image_size < h or (image_size - h) % 2:
-            raise DataError(f"image_size must be {h} or {h} plus an even padding, got {image_size}.")
+            raise DataError(f"image_size must be {h}, {h} plus an even padding, or a divisor of {h} "
+                            f"(area downsampling), got {image_size}.")
         p = (image_size - h) // 2
         x = torch.nn.functional.pad(x, (p, p, p, p), value=-1.0)
     return x.contiguous()
 
 
 class FashionMNIST(Dataset):
-    """Fashion-MNIST as float images in [-1, 1] of shape (1, S, S) (S = 28 or padded 32) and int64 labels.
+    """Fashion-MNIST as float images in [-1, 1] of shape (1, S, S) (S = 28, padded 32, or area-downsampled 14 or 7)
+    and int64 labels.
 
     The whole split is converted once to a float tensor in memory (60k x 1 x 32 x 32 x 4 B = 246 MB at 32,
     188 MB at 28), so ``__getitem__`` is an index.

@@ -119,17 +119,33 @@ _official(
     _LINEAR, timestep_respacing="250",
 )
 
-# tailgen's own 14x14 -> 28x28 Fashion-MNIST upsampler (a cascade's second stage): the fashion_diffusion torso on
-# [x, resized low_res]. Not trained yet: no weights ship, so it needs a checkpoint (or random_init for smoke tests).
-# A trained file exported as tailgen/weights/fashion_upsampler.{pt,json} replaces this entry (registered below).
+# tailgen's own Fashion-MNIST cascade, 14x14 -> 28x28. Not trained yet: no weights ship, so each needs a checkpoint
+# (or random_init for smoke tests). The flags are those of the training configs (tests/test_module_super_res.py checks
+# it); a trained file exported as tailgen/weights/<name>.{pt,json} replaces the entry (registered below).
+_FASHION_CASCADE = dict(in_channels=1, num_channels=32, attention_resolutions="7", num_head_channels=32,
+                        learn_sigma=True, class_cond=True, num_classes=11, dropout=0.0, use_scale_shift_norm=True,
+                        resblock_updown=True, use_new_attention_order=True)
+_FASHION_COSINE = dict(diffusion_steps=1000, noise_schedule="cosine", learn_sigma=True)
+# First stage: a class-conditional UNet on Fashion-MNIST area-downsampled to 14x14
+# (configs/fashion/train_diffusion_14.yaml).
+register_preset(
+    "fashion_diffusion_14", "model",
+    dict(_FASHION_CASCADE, image_size=14, num_res_blocks=2, channel_mult="1,2"),
+    _FASHION_COSINE,
+    sampling={"num_classes": 10, "null_label": 10},
+    untrained="no trained weights exist yet: train it with tailgen fit --config "
+              "configs/fashion/train_diffusion_14.yaml and export it as fashion_diffusion_14 "
+              "(configs/fashion/README.md)",
+)
+# Second stage: the fashion_diffusion torso on [x, resized low_res] (configs/fashion/train_upsampler_14_28.yaml).
 register_preset(
     "fashion_upsampler", "upsampler",
-    dict(large_size=28, small_size=14, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
-         attention_resolutions="7", num_head_channels=32, learn_sigma=True, class_cond=True, num_classes=11,
-         dropout=0.0, use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True),
-    dict(diffusion_steps=1000, noise_schedule="cosine", learn_sigma=True),
+    dict(_FASHION_CASCADE, large_size=28, small_size=14, num_res_blocks=1, channel_mult="1,2,2"),
+    _FASHION_COSINE,
     sampling={"num_classes": 10, "null_label": 10},
-    untrained="no trained weights exist yet: train a 14x14 -> 28x28 upsampler on Fashion-MNIST first",
+    untrained="no trained weights exist yet: train it with tailgen fit --config "
+              "configs/fashion/train_upsampler_14_28.yaml and export it as fashion_upsampler "
+              "(configs/fashion/README.md)",
 )
 
 

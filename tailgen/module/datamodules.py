@@ -45,7 +45,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
     Args:
         root: folder with the IDX .gz files (None: ``$TAILGEN_FASHION_MNIST`` or the Debian package folder).
         batch_size: training batch size.
-        image_size: 28 (native) or 32 (padded with black).
+        image_size: 28 (native), 32 (padded with black) or 14 / 7 (area-downsampled, rounded to uint8 levels:
+            a cascade's first stage, `tailgen.data.resize`).
         num_workers: DataLoader workers (0 is right here: data is an in-memory tensor).
         val_size: number of test images used for validation (the first ``val_size``; 0 disables validation).
         val_batch_size: validation batch size (defaults to ``batch_size``).

@@ -11,6 +11,7 @@ replaced by the null label ``num_classes`` (the label embedding has ``num_classe
 eps_theta(x_t, t, null) is an unconditional model (classifier-free guidance, Ho & Salimans 2022). An exponential
 moving average of the weights, theta_ema <- d theta_ema + (1 - d) theta with d = min(ema_decay, (1 + n) / (10 + n))
 at update n, is kept in the checkpoint (``ema.*``) and is what gets exported and validated.
+:class:`~tailgen.module.super_res.SuperResTrainer` (``super_res.py``) trains a cascade's upsampler the same way.
 
 :class:`ClassifierTrainer` -- ADM classifier training (Dhariwal & Nichol 2021, ``classifier_train.py``):
 cross-entropy of p_phi(y | x_t, t) on x_t ~ q(x_t | x0) with t ~ U{0..t_max-1} (``noised=True``), or a clean
@@ -171,6 +172,8 @@ class DiffusionTrainer(_EMATrainer):
         compile: ``torch.compile`` the trained network (the first steps pay the compile time).
     """
 
+    network_kind = "model"  # the builder kind of ``network`` (``SuperResTrainer``: "upsampler")
+
     def __init__(self, network: dict, diffusion: dict | None = None, arch: str = "adm", num_classes: int = 10,
                  label_dropout: float = 0.1, vlb_weight: float = 1.0, lr: float = 2e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 200, ema_decay: float = 0.9995, num_threads: int | None = None,
@@ -185,7 +188,7 @@ class DiffusionTrainer(_EMATrainer):
                 and network.get("num_classes", 1000) != num_classes + 1:
             raise ConfigError(f"label dropout needs a null label: set network.num_classes = {num_classes + 1} "
                               f"({num_classes} classes + the null label {num_classes})")
-        self.net = build_network("model", network, arch=arch)
+        self.net = build_network(self.network_kind, network, arch=arch)
         self._init_common(lr, weight_decay, warmup_steps, ema_decay, num_threads, channels_last, lr_schedule,
                           init_from, autocast, attention, compile)
 
