@@ -1,7 +1,7 @@
 """``tailgen``: the command line (LightningCLI) for fit / predict / test.
 
     tailgen predict --config configs/fashion/default.yaml --data.num_samples 64 --writer.output_dir out
-    tailgen test    --config configs/fashion/tail.yaml --config configs/fashion/eval.yaml --model.guidances.tail.init_args.scale=0.5
+    tailgen test    --config configs/fashion/tail.yaml --config configs/fashion/eval.yaml --model.guidances.x0.init_args.scale=0.1
     tailgen fit     --config configs/fashion/train_diffusion.yaml   # trains; re-running resumes (ckpt_path: last)
     tailgen sweep   configs/sweeps/fashion_tail.yaml        # a W&B sweep file, run locally (tailgen/sweep.py)
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import os
 from pathlib import Path
 
@@ -81,11 +82,11 @@ def test_method_overlays_compose_their_guidances(family):
     tail, _ = guidances("tail")
     tail_x0, _ = guidances("tail_x0")
     assert list(adm_g) == ["cg"] and adm_g["cg"][0] == "ClassifierGuidance"
+    assert list(tail_x0) == ["cg", "tail", "x0"] and tail_x0["x0"][0] == "PredictedImagePull"
+    if family == "fashion":  # Fashion's adm_g.yaml and tail.yaml are the tail study's picks (tested below)
+        return
     assert list(tail) == ["cg", "tail"] and tail["cg"][0] == "ClassifierGuidance"  # ADM-G, then the tail term
-    if family != "fashion":  # Fashion's adm_g.yaml is the study's best-FID scale; tail.yaml names its own ADM-G
-        assert tail["cg"] == adm_g["cg"]
-    assert list(tail_x0) == ["cg", "tail", "x0"] and tail_x0["tail"] == tail["tail"]
-    assert tail_x0["x0"][0] == "PredictedImagePull"
+    assert tail["cg"] == adm_g["cg"] and tail_x0["tail"] == tail["tail"]
 
 
 def test_default_is_an_alias_of_tail():
@@ -126,3 +127,17 @@ def test_sweep_parameters_are_cli_flags(path, capsys):
         for part in key.split("."):
             node = node[part]
         assert node == spec["values"][-1], key
+
+
+def test_fashion_tail_is_the_tail_study_pick():
+    """configs/fashion/tail.yaml is the guidance stack the tail study's PROTOCOL.md rule picked (docs/tail_study/
+    selection.json, written by `python tools/tail_study.py report`): same guidances, classes and knob values."""
+    selection = json.loads((ROOT.parent / "docs/tail_study/selection.json").read_text())
+    assert "tail" in selection, "the study has picked no tail configuration yet"
+    resolved = resolved_with_eval(ROOT / "fashion/tail.yaml")["model"]["init_args"]["guidances"]
+    picked = selection["tail"]["guidances"]
+    assert list(resolved) == list(picked)
+    for name, spec in picked.items():
+        assert resolved[name]["class_path"] == spec["class_path"]
+        for arg, value in spec.get("init_args", {}).items():
+            assert resolved[name]["init_args"][arg] == value, (name, arg)

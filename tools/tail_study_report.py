@@ -315,7 +315,11 @@ def report(plan: dict, records: Path, docs: Path, out: Path, readme: Path | None
     docs.mkdir(parents=True, exist_ok=True)
     table, verdict, cfg = study_table(plan, records)
     flags = off_manifold(plan, table, cfg)
-    write_tables(table, verdict, cfg, docs, flags, picks(plan, table, verdict, flags))
+    chosen = picks(plan, table, verdict, flags)
+    write_tables(table, verdict, cfg, docs, flags, chosen)
+    selection = {group: {**c, "guidances": plan["_runs"][c["run"]]["guidances"]} for group, c in chosen.items()
+                 if c["run"] in plan.get("_runs", {})}
+    (docs / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")  # tests: tail.yaml == the tail pick
     for n in sorted({n for _, n in table}):
         plot(plan, table, cfg, docs, n)
     grids(plan, table, docs, out)
