@@ -5,7 +5,8 @@
 
 For each t in --t (default 0 50 100 250 500 750) it reports the accuracy of argmax p(y | x_t, t) with
 x_t ~ q(x_t | x0) (fixed noise, seed 0; t = 0 means clean images, as ADM's classifier sees at the last step),
-plus "small t": t ~ U{0..99}. A clean classifier is always evaluated at t = 0 with x_t from its --t list too,
+plus "small t": t ~ U{0..99}, and the mean normalised entropy H(p) / log C at each (ECT keeps it from
+collapsing). A clean classifier is always evaluated at t = 0 with x_t from its --t list too,
 which shows how fast it degrades under noise (it is not meant to be used there).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -55,15 +57,18 @@ def evaluate(net, info: dict, ts: list[int], batch_size: int = 500, small_t: int
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(x.shape, generator=g)
     t_small = torch.randint(0, small_t, (x.shape[0],), generator=g)
-    results = {}
+    results, entropy = {}, {}
     for name, tt in [*[(f"t={t}", torch.full((x.shape[0],), t)) for t in ts], (f"t~U[0,{small_t})", t_small)]:
-        correct = 0
+        correct, h = 0, 0.0
         for s in range(0, x.shape[0], batch_size):
             xb, tb = x[s:s + batch_size], tt[s:s + batch_size]
             xt = torch.where((tb > 0).view(-1, *[1] * (xb.dim() - 1)), process.q_sample(xb, tb, noise[s:s + batch_size]), xb)
-            correct += (net(xt, tb).argmax(1) == y[s:s + batch_size]).sum().item()
-        results[name] = correct / x.shape[0]
-    return results
+            logits = net(xt, tb).float()
+            correct += (logits.argmax(1) == y[s:s + batch_size]).sum().item()
+            logp = logits.log_softmax(1)  # normalised entropy H(p) / log C: what ECT keeps from collapsing
+            h += (-(logp.exp() * logp).sum(1) / math.log(logits.shape[1])).sum().item()
+        results[name], entropy[name] = correct / x.shape[0], h / x.shape[0]
+    return results, entropy
 
 
 def main(argv=None):
@@ -77,12 +82,13 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     net, info = load_any(a.weights)
-    res = evaluate(net, info, a.t, limit=a.limit)
+    res, entropy = evaluate(net, info, a.t, limit=a.limit)
     for k, v in res.items():
-        print(f"{k:>12}: accuracy {100 * v:.2f} %")
+        print(f"{k:>12}: accuracy {100 * v:.2f} %, mean H(p) / log C {entropy[k]:.3f}")
     print(f"({time.perf_counter() - t0:.1f} s)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"weights": a.weights, "accuracy": res}, indent=2) + "\n")
+        Path(a.json).write_text(json.dumps({"weights": a.weights, "accuracy": res, "normalised_entropy": entropy},
+                                           indent=2) + "\n")
 
 
 if __name__ == "__main__":
