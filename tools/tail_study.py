@@ -237,7 +237,8 @@ def main(argv=None) -> None:
     plan = load_plan(args.plan)
     if args.action == "list":
         for name, run in plan["_runs"].items():
-            print(f"{name:40s} {json.dumps(run['guidances'])}")
+            model = f"  model: {json.dumps(run['model'])}" if run.get("model") else ""
+            print(f"{name:40s} {json.dumps(run['guidances'])}{model}")
         return
     if args.action == "report":
         sys.path.insert(0, str(Path(__file__).parent))
