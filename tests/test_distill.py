@@ -26,12 +26,7 @@ sys.path.insert(0, str(REPO / "tools"))
 CONFIG = REPO / "configs" / "fashion" / "train_ppap_experts.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

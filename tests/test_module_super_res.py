@@ -36,12 +36,7 @@ TINY_UP = dict(large_size=28, small_size=14, in_channels=1, num_channels=32, num
 COSINE = dict(diffusion_steps=1000, noise_schedule="cosine", learn_sigma=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _levels(n: int = 3, size: int = 28, seed: int = 0) -> np.ndarray:

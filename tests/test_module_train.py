@@ -12,13 +12,7 @@ from tailgen.utils import ConfigError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small networks: one thread is fastest, and several threads stall badly on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOY_DIFF = dict(diffusion_steps=1000, noise_schedule="cosine", learn_sigma=False, sigma_small=True)
 ADM_TINY = dict(image_size=28, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",

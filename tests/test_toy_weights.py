@@ -17,13 +17,7 @@ from tailgen.sampling import SamplingRun, sample
 WEIGHTS = Path(__file__).resolve().parents[1] / "tailgen" / "weights"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny MLP batches: one thread is fastest, and several threads stall badly on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(name, builder):
