@@ -177,3 +177,117 @@ def test_a_method_model_override_reaches_its_runs_only():
     runs = tail_study.expand(plan)
     assert runs["x@1"]["model"] == runs["x@1+adm_g@1"]["model"] == {"classifier": {"preset": "other"}}
     assert runs["adm_g@1"]["model"] == {}
+
+
+STEPS_PLAN = str(ROOT / "configs/study/fashion_steps.yaml")
+
+
+def test_steps_plan_expands_samplers_and_step_counts_alone_and_on_adm_g():
+    plan = tail_study.load_plan(STEPS_PLAN)
+    runs = plan["_runs"]
+    counts = {"ddpm": [50, 100, 250], "ddim": [10, 15, 25], "dpmpp_2m": [10, 15, 25]}
+    assert sorted(runs) == sorted(f"{s}@{k}{g}" for s, ks in counts.items() for k in ks for g in ("", "+adm_g@1"))
+    assert all(r["method"] != "adm_g" for r in runs.values())  # the curve method only lends its guidance
+    for name, run in runs.items():
+        sampler, steps = name.split("+")[0].split("@")
+        assert run["steps"] == run["value"] == int(steps) and run["model"]["sampler"] == sampler
+        args = tail_study.init_args(plan, run)
+        assert args["sampler"] == sampler and args["classifier"] == {"preset": "fashion_noisy_classifier"}
+        assert {"autocast", "autocast_classifier", "channels_last"} <= set(args)  # precision pinned in the plan
+    assert runs["ddim@10"]["model"]["eta"] == 0
+    assert runs["dpmpp_2m@15"]["guidances"] == {}
+    cg = runs["dpmpp_2m@15+adm_g@1"]["guidances"]["cg"]
+    assert cg["class_path"] == "tailgen.guidance.ClassifierGuidance" and cg["init_args"]["scale"] == 1
+
+
+def test_steps_plan_options_are_valid_module_arguments():
+    import inspect
+
+    from tailgen.module.guided import GuidedDiffusion
+    from tailgen.sampling import SAMPLERS
+
+    plan = tail_study.load_plan(STEPS_PLAN)
+    accepted = set(inspect.signature(GuidedDiffusion.__init__).parameters)
+    for run in plan["_runs"].values():
+        args = tail_study.init_args(plan, run)
+        assert set(args) <= accepted and args["sampler"] in SAMPLERS
+    assert set(plan["record_args"]) <= accepted
+
+
+def test_steps_plan_order_references_first_then_cheapest_unguided_first():
+    plan = tail_study.load_plan(STEPS_PLAN)
+    order = [r for r, _, _ in tail_study.units(plan, "grid", None)]
+    assert sorted(order) == sorted(plan["_runs"]) and order[:2] == ["ddpm@250", "ddpm@250+adm_g@1"]
+    rest = [(plan["_runs"][r]["steps"], bool(plan["_runs"][r]["guidances"])) for r in order[2:]]
+    assert rest == sorted(rest) and rest[0] == (10, False) and rest[-1] == (100, True)
+    assert tail_study.units(plan, "grid", ["ddim@15"]) == [("ddim@15", 2000, 0)]
+
+
+def _fake_tailgen(monkeypatch, seen):
+    """``tailgen predict`` / ``test`` replaced by writing what they would (samples.json, metrics.json)."""
+    def call(argv, stdout, stderr, cwd):
+        root = next(a for a in argv if a.startswith("--trainer.default_root_dir="))
+        stage, folder = argv[3], Path(root.split("=", 1)[1])
+        seen.append(argv[3:])
+        (folder / ("samples.json" if stage == "predict" else "metrics.json")).write_text('{"fid": 1.5}')
+        return 0
+    monkeypatch.setattr(tail_study.subprocess, "call", call)
+
+
+def _run(plan, name, tmp_path, monkeypatch):
+    import json
+
+    plan["_model"] = {"network": {"preset": "x"}, "weights_sha256": "ab" * 32}
+    seen = []
+    _fake_tailgen(monkeypatch, seen)
+    assert tail_study.run_unit(plan, name, plan["_runs"][name], 2000, 0, tmp_path / "out", tmp_path / "rec", False,
+                               False)
+    record = json.loads(tail_study.record_path(tmp_path / "rec", name, 2000, 0).read_text())
+    overlay = (tail_study.unit_dir(tmp_path / "out", name, 2000, 0) / "guidances.yaml").read_text()
+    return record, seen, overlay
+
+
+def test_a_steps_unit_samples_with_its_sampler_and_steps_and_records_both(tmp_path, monkeypatch):
+    import yaml
+
+    plan = tail_study.load_plan(STEPS_PLAN)
+    record, seen, overlay = _run(plan, "ddim@10+adm_g@1", tmp_path, monkeypatch)
+    assert [argv[0] for argv in seen] == ["predict", "test"]
+    for argv in seen:  # both stages see the run's respacing, not another plan's
+        assert "--model.init_args.diffusion={timestep_respacing: '10'}" in argv
+    args = yaml.safe_load(overlay)["model"]["init_args"]
+    assert args["sampler"] == "ddim" and args["eta"] == 0 and args["guidances"]["cg"]["init_args"]["scale"] == 1
+    assert record["steps"] == 10 and record["run"] == "ddim@10+adm_g@1" and record["metrics"] == {"fid": 1.5}
+    assert record["sampling"] == {"sampler": "ddim", "eta": 0, "autocast": "auto", "autocast_classifier": True,
+                                  "channels_last": True}
+
+
+def test_a_tail_unit_runs_and_records_as_before(tmp_path, monkeypatch):
+    plan = tail_study.load_plan(str(ROOT / "configs/study/fashion_tail.yaml"))
+    assert all(run["steps"] == 25 for run in plan["_runs"].values())
+    record, seen, _ = _run(plan, "cads@0.5+adm_g@1", tmp_path, monkeypatch)
+    assert all("--model.init_args.diffusion={timestep_respacing: '25'}" in argv for argv in seen)
+    assert list(record) == ["run", "method", "value", "adm_g", "num_samples", "seed", "steps", "seconds", "model",
+                            "guidances", "metrics"]  # the keys of the committed tail records, in their order
+    assert record["steps"] == 25
+
+
+def test_plan_paths_default_to_the_tail_study_and_flags_win():
+    tail = tail_study.load_plan(str(ROOT / "configs/study/fashion_tail.yaml"))
+    steps = tail_study.load_plan(STEPS_PLAN)
+    assert tail_study.paths(tail) == {k: str(ROOT / v) for k, v in tail_study.DEFAULT_PATHS.items()}
+    assert tail_study.paths(steps) == {"out": str(ROOT / "runs/steps_study"),
+                                       "records": str(ROOT / "docs/steps_study/units"),
+                                       "docs": str(ROOT / "docs/steps_study")}
+    assert tail_study.paths(steps, records="/x")["records"] == "/x"
+
+
+def test_bad_steps_values_fail_with_one_line():
+    import pytest
+
+    plan = {"setting": {}, "methods": {"ddim": {"knob": "steps", "values": [0]}}}
+    with pytest.raises(SystemExit, match="steps must be counts"):
+        tail_study.expand(plan)
+    plan = {"setting": {}, "methods": {"x": {"guidances": {"g": {}}, "knob": "g.scale", "values": [1]}}}
+    with pytest.raises(SystemExit, match="has no steps"):
+        tail_study.expand(plan)

@@ -6,6 +6,16 @@
     python tools/tail_study.py list   [--plan ...]                      # the expanded runs and their flags
     python tools/tail_study.py report [--docs docs/tail_study]   # tables, verdicts, plots, README's table
 
+The same runner serves other plans (``--plan configs/study/fashion_steps.yaml``: quality per network call, issue
+11). A plan may name its own ``paths`` (out / records / docs, relative to the repository; flags override), its
+``report.module`` (a module in ``tools/`` with ``report(plan, records, docs)``), ``order: cost`` (grid units by
+network calls, unguided first), ``first`` (runs the grid starts with) and ``setting.wandb_project``; ``setting.steps``
+is then optional. A method may carry ``steps`` (its runs' respacing instead of ``setting.steps``), ``knob: steps``
+(its ``values`` are step counts; its guidances, if any, stay as written) and ``model`` arguments such as
+``sampler`` / ``eta`` / ``autocast``. A plan's ``record_args`` names the ``model.init_args`` each record states
+(under ``sampling``, as the run sets them: sampler, precision); the tail plan names none, so its records are as
+before.
+
 A *unit* is (run, N, seed set): ``tailgen predict`` writes ``<out>/model_<sha>/<run>/n<N>_s<seed>/samples.npz``
 (+ grid; ``model_<sha>`` = the first digits of the diffusion weights' sha256, so results of different models never
 mix), then ``tailgen test`` on those samples writes ``metrics.json`` beside them. ``<out>`` is scratch (samples,
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import shlex
@@ -32,6 +43,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PATHS = {"out": "runs/tail_study", "records": "docs/tail_study/units", "docs": "docs/tail_study"}
 
 
 def _fmt(value) -> str:
@@ -46,24 +58,53 @@ def _set_knob(guidances: dict, knob: str, value) -> dict:
 
 
 def expand(plan: dict) -> dict[str, dict]:
-    """The plan's runs: ``{name: {"method", "value", "adm_g", "guidances"}}`` in plan order."""
+    """The plan's runs: ``{name: {"method", "value", "adm_g", "guidances", "model", "steps"}}`` in plan order.
+    ``steps``: the method's ``steps``, else ``setting.steps``; with ``knob: steps`` the value itself (then the
+    method's guidances, if any, are used as written)."""
     methods, curve = plan["methods"], plan.get("curve", "adm_g")
-    cg = methods[curve]
+    default_steps = plan.get("setting", {}).get("steps")
     runs: dict[str, dict] = {}
     for method, spec in methods.items():
+        if spec.get("with_adm_g") and curve not in methods:
+            raise SystemExit(f"tail_study: method {method!r} has with_adm_g but the plan has no {curve!r} method")
         for value in spec["values"]:
             for cg_scale in [None, *spec.get("with_adm_g", [])]:
-                if method == curve and value == 0:
+                steps = spec.get("steps", default_steps)
+                if spec.get("knob") == "steps":
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                        raise SystemExit(f"tail_study: method {method!r}: steps must be counts >= 1, got {value!r}")
+                    guidances, steps = copy.deepcopy(spec.get("guidances", {})), value
+                elif method == curve and value == 0:
                     guidances = {}  # s = 0: unguided, no classifier work at all
                 else:
                     guidances = _set_knob(spec["guidances"], spec["knob"], value)
+                if steps is None:
+                    raise SystemExit(f"tail_study: method {method!r} has no steps (set setting.steps or its own)")
                 name = f"{method}@{_fmt(value)}"
                 if cg_scale is not None:
+                    cg = methods[curve]
                     guidances = {**_set_knob(cg["guidances"], cg["knob"], cg_scale), **guidances}
                     name += f"+{curve}@{_fmt(cg_scale)}"
                 runs[name] = {"method": method, "value": value, "adm_g": cg_scale, "guidances": guidances,
-                              "model": spec.get("model", {})}
+                              "model": spec.get("model", {}), "steps": steps}
     return runs
+
+
+def init_args(plan: dict, run: dict) -> dict:
+    """The run's ``model.init_args`` overlay (``guidances.yaml``): the plan's ``setting.model``, the method's
+    ``model``, the guidances."""
+    return {**plan["setting"].get("model", {}), **run.get("model", {}), "guidances": run["guidances"]}
+
+
+def recorded_args(plan: dict, args: dict) -> dict:
+    """The record's ``sampling``: the init args named by the plan's ``record_args`` that the run's ``args`` set."""
+    return {k: args[k] for k in plan.get("record_args", []) if k in args}
+
+
+def network_calls(steps) -> int:
+    """Sampler steps of a respacing (``"K"``, ``"ddimK"``, ``"a,b,c"`` or an int): the cost order of ``order: cost``
+    (one UNet call per step for ddpm / ddim / dpmpp_2m)."""
+    return sum(int(c) for c in str(steps).removeprefix("ddim").split(","))
 
 
 def unit_dir(out: Path, run: str, n: int, seed: int) -> Path:
@@ -79,11 +120,12 @@ def model_out(out: Path, model: dict) -> Path:
 def commands(plan: dict, run: dict, n: int, seed: int, folder: Path, wandb: bool) -> tuple[list[str], list[str]]:
     """The ``tailgen predict`` and ``tailgen test`` argument lists of one unit."""
     s = plan["setting"]
+    steps = run.get("steps", s.get("steps"))
     overlay = folder / "guidances.yaml"
     common = ["--config", str(ROOT / s["base"]), "--config", str(overlay),
               f"--data.init_args.num_samples={n}", f"--data.init_args.seed={seed}",
               "--data.init_args.labels=balanced", f"--data.init_args.batch_size={s.get('batch_size', 250)}",
-              f"--model.init_args.diffusion={{timestep_respacing: '{s['steps']}'}}",
+              f"--model.init_args.diffusion={{timestep_respacing: '{steps}'}}",
               "--model.init_args.progress=false", "--trainer.enable_progress_bar=false",
               f"--trainer.default_root_dir={folder}"]
     predict = ["predict", *common, f"--writer.output_dir={folder}"]
@@ -93,7 +135,8 @@ def commands(plan: dict, run: dict, n: int, seed: int, folder: Path, wandb: bool
             f"--model.init_args.evaluation.init_args.max_reference={n}"]
     if wandb:
         test += ["--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline=true",
-                 "--trainer.logger.project=tailgen-tail-study", f"--trainer.logger.save_dir={folder}",
+                 f"--trainer.logger.project={s.get('wandb_project', 'tailgen-tail-study')}",
+                 f"--trainer.logger.save_dir={folder}",
                  f"--trainer.logger.name={folder.parent.name}/{folder.name}"]
     return predict, test
 
@@ -162,8 +205,8 @@ def claim(folder: Path) -> bool:
 
 def _run_claimed(plan, name, run, n, seed, folder, predict, test, text, record: Path) -> bool:
     tailgen = [sys.executable, "-m", "tailgen.cli"]
-    init_args = {**plan["setting"].get("model", {}), **run.get("model", {}), "guidances": run["guidances"]}
-    (folder / "guidances.yaml").write_text(yaml.safe_dump({"model": {"init_args": init_args}}))
+    args = init_args(plan, run)
+    (folder / "guidances.yaml").write_text(yaml.safe_dump({"model": {"init_args": args}}))
     (folder / "command.txt").write_text(text + "\n")
     start = time.perf_counter()
     for stage, argv in (("predict", predict), ("test", test)):
@@ -177,7 +220,9 @@ def _run_claimed(plan, name, run, n, seed, folder, predict, test, text, record: 
             return True
     info = {"run": name, **{k: run[k] for k in ("method", "value", "adm_g")}, "num_samples": n, "seed": seed,
             **({"model_args": run["model"]} if run.get("model") else {}),
-            "steps": plan["setting"]["steps"], "seconds": round(time.perf_counter() - start, 1),
+            "steps": run.get("steps", plan["setting"].get("steps")),
+            **({"sampling": sampling} if (sampling := recorded_args(plan, args)) else {}),
+            "seconds": round(time.perf_counter() - start, 1),
             "model": plan["_model"], "guidances": run["guidances"]}
     (folder / "unit.json").write_text(json.dumps(info, indent=1) + "\n")
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +232,13 @@ def _run_claimed(plan, name, run, n, seed, folder, predict, test, text, record: 
     partial.replace(record)  # atomic: a record exists only for a finished unit
     print(f"done {name} n={n} seed={seed} in {info['seconds']:.0f} s", flush=True)
     return True
+
+
+def paths(plan: dict, out: str | None = None, records: str | None = None, docs: str | None = None) -> dict[str, str]:
+    """``{"out", "records", "docs"}``: the flag, else the plan's ``paths`` entry (relative to the repository), else
+    the tail study's default."""
+    given = {"out": out, "records": records, "docs": docs}
+    return {k: given[k] or str(ROOT / plan.get("paths", {}).get(k, default)) for k, default in DEFAULT_PATHS.items()}
 
 
 def load_plan(path: str) -> dict:
@@ -211,11 +263,22 @@ def interleaved(runs: dict[str, dict]) -> list[str]:
 
 def units(plan: dict, stage: str, only: list[str] | None) -> list[tuple[str, int, int]]:
     s = plan["setting"]
-    names = interleaved(plan["_runs"]) if stage == "grid" else list(plan.get("headline", []))
-    unknown = [r for r in (only or []) if r not in plan["_runs"]]
+    names = list(plan.get("headline", []))
+    if stage == "grid":
+        runs = plan["_runs"]
+        order = plan.get("order", "interleaved")
+        if order not in ("interleaved", "cost"):
+            raise SystemExit(f"tail_study: plan order must be interleaved or cost, got {order!r}")
+        names = interleaved(runs) if order == "interleaved" else sorted(  # cheap first, unguided before guided
+            runs, key=lambda r: (network_calls(runs[r]["steps"]), bool(runs[r]["guidances"])))
+        first = plan.get("first", [])  # e.g. the reference rows, so that an interrupted study can compare
+        names = [*first, *[r for r in names if r not in first]]
+    unknown = [r for r in (only or []) + plan.get("first", []) if r not in plan["_runs"]]
     if unknown:
         raise SystemExit(f"tail_study: unknown run(s) {unknown}; see `python tools/tail_study.py list`")
     names = [r for r in names if not only or r in only]
+    if stage not in s:
+        raise SystemExit(f"tail_study: the plan has no {stage} stage (setting.{stage}: num_samples, seeds)")
     n, seeds = s[stage]["num_samples"], s[stage]["seeds"]
     return [(r, n, seed) for r in names for seed in seeds]  # a row's seed sets together: its noise comes first
 
@@ -224,10 +287,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["run", "list", "report"])
     ap.add_argument("--plan", default=str(ROOT / "configs/study/fashion_tail.yaml"))
-    ap.add_argument("--out", default=str(ROOT / "runs/tail_study"))
-    ap.add_argument("--records", default=str(ROOT / "docs/tail_study/units"),
-                    help="where finished units' records (metrics + provenance) go; committed, so the study resumes")
-    ap.add_argument("--docs", default=str(ROOT / "docs/tail_study"))
+    ap.add_argument("--out", help="scratch: samples, logs (default: the plan's paths.out, else runs/tail_study)")
+    ap.add_argument("--records", help="where finished units' records (metrics + provenance) go; committed, so the "
+                    "study resumes (default: the plan's paths.records, else docs/tail_study/units)")
+    ap.add_argument("--docs", help="report output (default: the plan's paths.docs, else docs/tail_study)")
     ap.add_argument("--stage", choices=["grid", "headline"], default="grid")
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--wandb", action="store_true", help="log every test run to W&B (offline)")
@@ -235,18 +298,24 @@ def main(argv=None) -> None:
     ap.add_argument("--deadline", help="HH:MM: start no unit after this time (a running unit finishes)")
     args = ap.parse_args(argv)
     plan = load_plan(args.plan)
+    args.out, args.records, args.docs = paths(plan, args.out, args.records, args.docs).values()
     if args.action == "list":
         for name, run in plan["_runs"].items():
             model = f"  model: {json.dumps(run['model'])}" if run.get("model") else ""
-            print(f"{name:40s} {json.dumps(run['guidances'])}{model}")
+            steps = f"  steps: {run['steps']}" if run["steps"] != plan["setting"].get("steps") else ""
+            print(f"{name:40s} {json.dumps(run['guidances'])}{model}{steps}")
         return
     if args.action == "report":
         sys.path.insert(0, str(Path(__file__).parent))
-        from tail_study_report import report
-
         plan["_model"] = model_digest(plan)
-        report(plan, model_out(Path(args.records), plan["_model"]), Path(args.docs),
-               model_out(Path(args.out), plan["_model"]), ROOT / "README.md")
+        records = model_out(Path(args.records), plan["_model"])
+        module = plan.get("report", {}).get("module", "tail_study_report")
+        if module == "tail_study_report":
+            from tail_study_report import report
+
+            report(plan, records, Path(args.docs), model_out(Path(args.out), plan["_model"]), ROOT / "README.md")
+        else:
+            importlib.import_module(module).report(plan, records, Path(args.docs))
         return
     plan["_model"] = model_digest(plan)
     out = model_out(Path(args.out), plan["_model"])
