@@ -13,8 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-import steps_study_report as ssr  # noqa: E402
-import tail_study  # noqa: E402
+import steps_study_report as ssr
+import tail_study
 
 SHA = "cd" * 32
 SIGMA_HEADLINE = 0.2  # seed-set std of every metric in the constructed tail headline row (5,000 samples)
@@ -117,7 +117,8 @@ def test_report_writes_answers_table_csv_and_plot(tmp_path):
     assert "- ADM-G s=1, DDIM (eta=0): none of 10, 15, 25 steps matches DDPM-250" in text
     assert "- ADM-G s=1, DPM-Solver++(2M): **15 steps**" in text
     assert "sqrt(5000 / 2000)" in text and "adm_g_0/n5000_s*.json" in text
-    rows = list(csv.DictReader(open(docs / "results.csv")))
+    with open(docs / "results.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 18 and {r["sampler"] for r in rows} == {"ddpm", "ddim", "dpmpp_2m"}
     ddim10 = next(r for r in rows if r["run"] == "ddim@10")
     assert ddim10["unet_calls"] == "10" and float(ddim10["fid_z"]) == pytest.approx(4.0) and ddim10["match"] == "False"
