@@ -53,6 +53,17 @@ def test_saturated_batch_names_the_dominating_guidance_and_step():
         monitor.check(x)
 
 
+def test_a_guidance_peaking_at_the_first_step_is_told_to_stay_off_it():
+    stack = GuidanceStack({"strong": Push(scale=50.0, t_min=0.95)})
+    monitor = SampleMonitor(stack)
+    p = DiffusionProcess.from_flags(timestep_respacing="10")
+    x = sample("ddpm", SamplingRun(shrink, guidance=stack, noise=SeededNoise([0, 1, 2, 3]), callback=monitor),
+               torch.randn(4, *SHAPE), p)
+    with pytest.raises(SamplingError, match=r"step 0 of 10.*lower that guidance's scale or keep it off the first "
+                                            r"step.*t_max: 0\.99"):
+        monitor.check(x)
+
+
 def test_normal_batch_passes_and_toy_points_are_not_judged():
     monitor = SampleMonitor(GuidanceStack({"mild": Push(scale=1e-4)}))
     x, _ = run({"mild": Push(scale=1e-4)}, monitor)

@@ -109,8 +109,12 @@ class SampleMonitor:
             return (f"no guidance term exceeded the network's own score (largest: {name!r}, {float(ratio):.2g} x): "
                     "the network or clip_denoised=false is the cause; check the weights")
         guidance = dict(zip(self.stack.names, self.stack.guidances)).get(name)
+        fix = "lower that guidance's scale"
+        if step == 0:  # t ~ T: a score-form term (ddim, dpmpp_2m) moves x0_hat by (1 - abar) / sqrt(abar) x itself
+            fix += (" or keep it off the first step, where alpha_bar ~ 0 magnifies it (e.g. t_max: 0.99; ADM-G with "
+                    "ddim / dpmpp_2m on a cosine schedule needs this)")
         return (f"{_describe(name, guidance)} dominated: its term peaked at step {step} of {self.num_steps} (t={t}) "
-                f"at {float(ratio):.3g} x the network's own score; lower that guidance's scale")
+                f"at {float(ratio):.3g} x the network's own score; {fix}")
 
     def check(self, x: Tensor) -> Tensor:
         """x unchanged, or SamplingError if the batch is degenerate (saturated or constant images)."""
