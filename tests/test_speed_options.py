@@ -31,8 +31,13 @@ CLF = dict(image_size=16, in_channels=3, num_classes=10, classifier_width=32, cl
            classifier_attention_resolutions="8", classifier_channel_mult="1,2")
 
 
-def build(guidances=None, **options) -> GuidedDiffusion:
-    """The same tiny guided model for every option: seeded init, zero-initialised layers filled (seeded)."""
+STRICT_FP32 = dict(autocast=None, autocast_classifier=False, channels_last=False)
+
+
+def build(guidances=None, defaults=False, **options) -> GuidedDiffusion:
+    """The same tiny guided model for every option: seeded init, zero-initialised layers filled (seeded). Options
+    not given are strict float32 (the reference of this file), or with ``defaults`` GuidedDiffusion's own."""
+    options = options if defaults else {**STRICT_FP32, **options}
     torch.manual_seed(0)
     module = GuidedDiffusion(
         NetworkSpec(flags=UNET, random_init=True), NetworkSpec(kind="classifier", flags=CLF, random_init=True),
@@ -98,12 +103,41 @@ def test_autocast_classifier_gradient(fp32):
     assert 0 < err["grad"] <= 0.05 * fp32["grad"].abs().max().item()
 
 
+@pytest.mark.real_hardware
 def test_autocast_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset({"avx2"}))
     assert speed.resolve_autocast("auto", "cpu") is None
     monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
     assert speed.resolve_autocast("auto", "cpu") is torch.bfloat16
     assert speed.resolve_autocast(None, "cpu") is None
+    monkeypatch.setenv("TAILGEN_FAST_BF16", "0")  # the override beats the detection, both ways
+    assert speed.resolve_autocast("auto", "cpu") is None
+    monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setenv("TAILGEN_FAST_BF16", "1")
+    assert speed.resolve_autocast("auto", "cpu") is torch.bfloat16
+
+
+@pytest.mark.real_hardware
+@pytest.mark.parametrize("fast", [False, True])
+def test_defaults_are_bf16_with_channels_last_only_on_fast_bf16_hardware(monkeypatch, fast):
+    """The defaults (autocast auto, autocast_classifier, channels_last auto): bf16 UNet and classifier in NHWC where
+    bf16 is fast, the strict float32 path (standard layout) elsewhere."""
+    monkeypatch.setattr(speed, "fast_bf16", lambda device: fast)
+    module, fp32 = build(defaults=True), build()
+    for role, net in (("network", module.net), ("classifier", module.classifier_net)):
+        call = module._fast_call(role, net)
+        assert isinstance(call, speed.AutocastCall) == fast
+        weight = next(p for p in net.parameters() if p.dim() == 4)
+        assert weight.is_contiguous(memory_format=torch.channels_last) == fast and weight.is_contiguous() != fast
+    labels = torch.tensor([0, 1])
+    out, ref = module.sample(labels, seeds=torch.tensor([0, 1])), fp32.sample(labels, seeds=torch.tensor([0, 1]))
+    assert torch.equal(out, ref) != fast and (out - ref).abs().mean() <= 0.03
+
+
+def test_int8_takes_precedence_over_autocast_auto_but_not_over_bf16():
+    build(defaults=True, quantize="int8")  # autocast auto gives way
+    with pytest.raises(ConfigError, match="exclude each other"):
+        build(quantize="int8", autocast="bf16")
 
 
 def test_bad_option_values_are_config_errors():
@@ -111,6 +145,8 @@ def test_bad_option_values_are_config_errors():
         build(autocast="int8")
     with pytest.raises(ConfigError, match="attention must be one of"):
         build(attention="flash")
+    with pytest.raises(ConfigError, match="channels_last must be true, false or auto"):
+        build(channels_last="nhwc")
 
 
 def test_compile_plumbing_eager_backend(monkeypatch, fp32):

@@ -7,20 +7,23 @@ memory layout, the attention kernel and ``torch.compile``. Plain PyTorch; ``Guid
   ``"auto"`` is bf16 where the hardware has fast bf16 (CPU: AMX-BF16 or AVX512-BF16 in /proc/cpuinfo; CUDA:
   ``torch.cuda.is_bf16_supported()``), else no autocast. Detected, never assumed.
 * ``channels_last``: NHWC weights, so convolutions pick the NHWC kernels (oneDNN / cuDNN); numerics unchanged up
-  to summation order.
+  to summation order. ``"auto"``: NHWC exactly for the networks that run under autocast (in float32 on the CPU
+  NHWC makes GroupNorm 2-8x slower; under bf16 it is the fast layout).
 * ``attention``: ``"matmul"`` (explicit softmax(q^T k / sqrt(c)) v, float32 softmax), ``"sdpa"``
   (``F.scaled_dot_product_attention``) or ``"auto"`` (SDPA off-CPU, matmul on CPU).
 * ``compile``: ``torch.compile`` of the network's forward (the module itself is unchanged, so its state dict
   and attributes stay as they are). Guided sampling runs inside ``no_donated_buffers()`` (see there).
 * ``quantize``: ``"int8"`` runs the diffusion UNet's convolutions as calibrated int8 oneDNN kernels on the CPU
   (``models/quantize.py``; calibration inputs from the sampler: ``module/quantize.py``); its other layers stay
-  float32, so it excludes ``autocast``, and it runs eagerly (``compile`` then compiles the classifier only).
+  float32, so it excludes an explicit ``autocast`` (``"auto"`` gives way to it), and it runs eagerly (``compile``
+  then compiles the classifier only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -61,7 +64,11 @@ def hardware_report() -> dict:
 
 
 def fast_bf16(device: torch.device | str) -> bool:
-    """True where bf16 matmuls/convolutions have hardware support on ``device``."""
+    """True where bf16 matmuls/convolutions have hardware support on ``device``; the environment variable
+    ``TAILGEN_FAST_BF16=0`` / ``1`` overrides the detection (the test suite sets 0: float32 on every machine)."""
+    override = os.environ.get("TAILGEN_FAST_BF16")
+    if override in ("0", "1"):
+        return override == "1"
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -86,9 +93,20 @@ def check_quantize(quantize: Optional[str], calibration: int, autocast: Optional
     if quantize is not None and (isinstance(calibration, bool) or not isinstance(calibration, int)
                                  or calibration < 1):
         raise ConfigError(f"calibration must be a number of inputs >= 1; got {calibration!r}")
-    if quantize is not None and autocast is not None:
+    if quantize is not None and autocast not in (None, "auto"):
         raise ConfigError(f"quantize: {quantize} and autocast: {autocast} exclude each other (the int8 UNet "
                           "keeps its other layers in float32): drop one of them")
+
+
+def check_channels_last(channels_last) -> None:
+    """ConfigError unless ``channels_last`` is true, false or ``auto``."""
+    if not (isinstance(channels_last, bool) or channels_last == "auto"):
+        raise ConfigError(f"channels_last must be true, false or auto; got {channels_last!r}")
+
+
+def wants_channels_last(channels_last, autocast: Optional[torch.dtype]) -> bool:
+    """Whether a network called under ``autocast`` (None: float32) gets NHWC weights: ``auto`` = under autocast."""
+    return autocast is not None if channels_last == "auto" else bool(channels_last)
 
 
 def set_attention(net: nn.Module, mode: str) -> nn.Module:

@@ -23,7 +23,8 @@ from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.guidance.stack import guidance_configs
 from tailgen.models.spec import ExpertSpec, NetworkSpec, build_experts
-from tailgen.models.speed import check_quantize, fast_network, no_donated_buffers, prepare_network, resolve_autocast
+from tailgen.models.speed import (check_channels_last, check_quantize, fast_network, no_donated_buffers,
+                                  prepare_network, resolve_autocast, wants_channels_last)
 from tailgen.models.unet import check_labels
 from tailgen.module.evaluation import LABELLED_METRICS, GridSamples, Evaluation, as_floats, format_table, write_report
 from tailgen.module.quantize import int8_network
@@ -71,11 +72,13 @@ class GuidedDiffusion(L.LightningModule):
         check_samples: refuse degenerate batches (saturated or constant images; ``sampling/sanity.py``), naming
             the guidance whose term dominated and the step. Non-finite values are always refused.
         autocast: run the networks under ``torch.autocast`` in ``bf16`` / ``fp16`` (outputs and all sampler
-            arithmetic stay float32); ``auto``: bf16 where the hardware has fast bf16 (AMX / AVX512-BF16 on CPU),
-            else float32; null: float32. Works in the Python API and beside Lightning's ``precision``.
+            arithmetic stay float32); ``auto`` (default): bf16 where the hardware has fast bf16 (AMX /
+            AVX512-BF16 on CPU, a bf16 GPU), else float32; null: strict float32. Works in the Python API and
+            beside Lightning's ``precision``. The default is measured: README "Speed options".
         autocast_classifier: also run the noisy classifier under ``autocast`` (its log-softmax and the gradient
-            w.r.t. x_t stay float32 either way); default False: the classifier gradient is computed in float32.
-        channels_last: NHWC network weights (faster convolutions on CPU with oneDNN and on GPU).
+            w.r.t. x_t stay float32 either way); default True (measured within seed noise, README).
+        channels_last: NHWC network weights (faster convolutions on CPU with oneDNN and on GPU); ``auto``
+            (default): NHWC for the networks that run under autocast, the standard layout in float32.
         attention: ``matmul`` (explicit float32 softmax), ``sdpa`` (``F.scaled_dot_product_attention``) or
             ``auto`` (SDPA off-CPU, matmul on CPU).
         compile: ``torch.compile`` the UNet(s) and classifier (the first batch pays the compile time).
@@ -100,9 +103,9 @@ class GuidedDiffusion(L.LightningModule):
         evaluation: Optional[Evaluation] = None,
         progress: bool = True,
         check_samples: bool = True,
-        autocast: Optional[Literal["auto", "bf16", "fp16"]] = None,
-        autocast_classifier: bool = False,
-        channels_last: bool = False,
+        autocast: Optional[Literal["auto", "bf16", "fp16"]] = "auto",
+        autocast_classifier: bool = True,
+        channels_last: Union[bool, Literal["auto"]] = "auto",
         attention: Literal["auto", "matmul", "sdpa"] = "auto",
         compile: bool = False,
         quantize: Optional[Literal["int8"]] = None,
@@ -142,11 +145,13 @@ class GuidedDiffusion(L.LightningModule):
         self.freeze()
         resolve_autocast(autocast, "cpu")  # a bad value fails here, not at the first batch
         check_quantize(quantize, calibration, autocast)
+        check_channels_last(channels_last)
         self.quantize, self.calibration = quantize, calibration
         for net in (self.net, self.classifier_net, self.uncond_net):
             if net is not None:
-                prepare_network(net, channels_last=channels_last, attention=attention)
+                prepare_network(net, channels_last=channels_last is True, attention=attention)
         self.autocast, self.autocast_classifier, self.compile_networks = autocast, autocast_classifier, compile
+        self.channels_last = channels_last
         self._fast: dict = {}  # (role, device type) -> the network's call with autocast / compile (not submodules)
 
     def _fast_call(self, role: str, net):
@@ -158,7 +163,9 @@ class GuidedDiffusion(L.LightningModule):
                 dtype = None
             compile_net = self.compile_networks
             if role == "network" and self.quantize is not None:  # calibrated now; runs eagerly (oneDNN int8)
-                net, compile_net = int8_network(self), False
+                net, compile_net, dtype = int8_network(self), False, None
+            elif self.channels_last == "auto" and wants_channels_last("auto", dtype):
+                net.to(memory_format=torch.channels_last)
             self._fast[key] = fast_network(net, autocast=dtype, compile=compile_net)
         return self._fast[key]
 
