@@ -207,7 +207,7 @@ def load_tool(name: str):
 def test_tools_take_the_option():
     bench = load_tool("bench")
     args = bench.parse_args(["--quantize", "int8", "--calibration", "32", "--cases", "fashion", "--device", "cpu"])
-    module = bench.build_module("fashion", 2, True, args)
+    module = bench.build_module("fashion", 2, True, args.presets["custom"], args.device)
     assert (module.quantize, module.calibration, module.compile_networks) == ("int8", 32, False)
     quality = load_tool("quality_vs_fp32")
     module = quality.build(quality.SETTINGS["int8"], 2, False, "cpu", calibration=32)

@@ -1,27 +1,42 @@
 """tailgen vs guided-diffusion, per image, on the same weights: guided and unguided DDPM (issue 11).
 
-    python tools/bench.py [--reference ../shared/reference/guided-diffusion] [--cases fashion,adm64]
-                          [--batch-fashion 80 --batch-adm64 2] [--steps 50 --steps-adm64 10] [--repeats 5]
-                          [--autocast bf16] [--channels-last] [--attention sdpa] [--compile]
-                          [--quantize int8 [--calibration 256]]
-                          [--json bench.json] [--quick]
+    python tools/bench.py [--reference ../shared/reference/guided-diffusion] [--cases fashion,adm64] [--guided yes,no]
+                          [--settings default,fp32] [--batch-fashion 80 --batch-adm64 2] [--steps 10 --steps-adm64 4]
+                          [--repeats 7] [--threads N] [--json bench.json] [--quick]
+                          [--autocast auto|bf16|fp16|none] [--[no-]autocast-classifier] [--[no-]channels-last]
+                          [--attention auto|matmul|sdpa] [--[no-]compile] [--quantize int8|none] [--calibration N]
 
 Cases: ``fashion`` = the shipped fashion_diffusion + fashion_noisy_classifier; ``adm64`` = the official 64x64
 UNet + classifier architecture with random weights (timing only). The reference networks are built by
 guided-diffusion's own ``UNetModel`` / ``EncoderUNetModel`` (imported from ``--reference`` at run time) and get
 tailgen's state dict, so both sides compute the same function; the reference samples with its
 ``p_sample_loop`` (+ the ``cond_fn`` of its ``classifier_sample.py``), always in float32 (its flags only offer
-fp16 torsos on GPU). Per repeat the order is tailgen, reference, bare (A B C A B C ...), so machine noise hits all.
+fp16 torsos on GPU).
 
-``bare`` = the same number of network calls in a plain loop (UNet; when guided also the classifier forward +
-backward of log p(y | x)) under tailgen's speed options: ``tailgen / bare`` is the framework overhead.
-The speed options apply to tailgen and bare only. ``--quantize int8`` (CPU) calibrates the int8 UNet when the
-runs are set up, before any timed call. Prints a markdown table; ``--json`` writes all numbers.
+Settings (``--settings``, presets): ``default`` = the speed options ``GuidedDiffusion`` uses when none is passed
+(read from its constructor); ``fp32`` = strict float32 (no autocast, float32 classifier, standard layout, no
+compile, no int8; attention as the default); ``custom`` = the default with the explicit flags above replacing
+options (``--settings`` defaults to ``custom`` alone when a flag is given, else to ``default,fp32``). Presets that
+come to the same options share one set of runs (the row says so).
+
+``bare`` = the same network calls in a plain loop (the UNet; when guided also the classifier forward + backward of
+log p(y | x)) with the preset's options, on the very inputs tailgen's networks saw (the x_t of each step, recorded
+during tailgen's warm-up call): ``tailgen / bare`` is the framework overhead.
+
+Per (case, guided) every run is timed once per repeat in one loop: tailgen per preset, the reference (once: it is
+float32 whatever the preset), bare per preset; the order is reversed every other repeat (A B C, C B A, ...) so that
+drift hits all alike. The ratios are paired: overhead = median over repeats of tailgen_r / bare_r, speed-up =
+median of reference_r / tailgen_r, each with its min-max over the repeats. ``--quantize int8`` (CPU) calibrates
+the int8 UNet in the warm-up call, before any timed one. Prints a markdown table and issue 11's targets;
+``--json`` writes every time. The step counts and repeats default to what keeps a full run (both cases, guided and
+unguided, two presets that differ: 5 runs per repeat) within about 25 minutes on a 2-core CPU (estimated from the
+per-run times in docs/bench/2026-12-01_*.json; presets with the same options halve the tailgen and bare runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import statistics
@@ -33,11 +48,13 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from tailgen.diffusion.noise import SeededNoise
 from tailgen.guidance import ClassifierGuidance
 from tailgen.models import adm
 from tailgen.models.spec import NetworkSpec
-from tailgen.models.speed import hardware_report, time_first_call
+from tailgen.models.speed import check_quantize, hardware_report, no_donated_buffers, resolve_autocast, time_first_call
 from tailgen.module.guided import GuidedDiffusion
+from tailgen.utils import ConfigError
 from tailgen.utils.io import atomic_write
 
 CASES = {
@@ -46,6 +63,48 @@ CASES = {
                   classifier=dict(preset="64x64_classifier", flags={"classifier_use_fp16": False}, random_init=True)),
 }
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/guided-diffusion"
+SPEED_OPTIONS = ("autocast", "autocast_classifier", "channels_last", "attention", "compile", "quantize", "calibration")
+FP32 = {"autocast": None, "autocast_classifier": False, "channels_last": False, "compile": False, "quantize": None}
+PRESETS = ("default", "fp32", "custom")
+# issue 11's acceptance: guided DDPM speed-up on the 64x64 architecture per preset, and tailgen / bare everywhere
+SPEEDUP_TARGETS = {"default": 1.5, "fp32": 1.1}
+OVERHEAD_TARGET = 1.03
+
+
+def module_defaults() -> dict:
+    """The speed options ``GuidedDiffusion`` uses when the user passes none (its constructor's defaults)."""
+    params = inspect.signature(GuidedDiffusion.__init__).parameters
+    return {name: params[name].default for name in SPEED_OPTIONS}
+
+
+def resolve_presets(names: list[str], custom: dict) -> dict[str, dict]:
+    """Preset name -> its speed options (``custom``: the defaults with the explicit flags replacing options)."""
+    defaults = module_defaults()
+    table = {"default": defaults, "fp32": {**defaults, **FP32}, "custom": {**defaults, **custom}}
+    return {name: table[name] for name in names}
+
+
+def share_runs(presets: dict[str, dict]) -> dict[str, list[str]]:
+    """Presets with equal options share one set of runs: the first one's name -> every preset name it stands for."""
+    groups: dict[str, list[str]] = {}
+    for name, options in presets.items():
+        first = next((g for g in groups if presets[g] == options), name)
+        groups.setdefault(first, []).append(name)
+    return groups
+
+
+def paired(numerators: list[float], denominators: list[float]) -> dict:
+    """The per-repeat ratios numerator_r / denominator_r (two runs of the same repeat) with their median, min and
+    max: the drift of a loaded machine between repeats cancels in each ratio."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError(f"paired ratios need equally many times, got {len(numerators)} and {len(denominators)}")
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "ratios": ratios}
+
+
+def run_order(names: list[str], repeat: int) -> list[str]:
+    """The timing order of one repeat: as given on even repeats, reversed on odd ones (A B C, C B A, ...)."""
+    return list(names) if repeat % 2 == 0 else list(reversed(names))
 
 
 def import_reference(path: Path):
@@ -93,34 +152,43 @@ def reference_sampler(diffusion, net, clf, shape, labels, guided: bool):
     return run
 
 
-def bare_loop(module: GuidedDiffusion, shape, labels, steps: int, guided: bool):
-    """The same network calls as one sampling run, with the same speed options, in a plain loop."""
-    denoiser, classifier = module._denoiser(), module._noisy_classifier()
-    x = torch.randn(shape, device=labels.device)
-
+def recording_sample(module: GuidedDiffusion, labels, seeds, inputs: list):
+    """``module.sample`` that records into ``inputs`` the x_t each step's networks see (x_T, then every step's
+    result but the last), for the bare loop; used as tailgen's warm-up call."""
     def run():
-        for i in range(steps - 1, -1, -1):
-            with torch.no_grad():
-                denoiser(x, i, labels)
-            if guided:
-                with torch.enable_grad():
-                    x_in = x.detach().requires_grad_(True)
-                    log_p = torch.log_softmax(classifier(x_in, i).float(), -1)[torch.arange(len(labels), device=x.device),
-                                                                              labels]
-                    torch.autograd.grad(log_p.sum(), x_in)
+        inputs[:] = [SeededNoise(seeds.tolist(), device=labels.device).initial((len(labels), *module.image_shape))]
+        module.sample(labels, seeds, callback=lambda info: inputs.append(info["x"]))
+        del inputs[-1]  # the final sample: no network sees it
     return run
 
 
-def build_module(case: str, steps: int, guided: bool, args) -> GuidedDiffusion:
+def bare_loop(module: GuidedDiffusion, inputs: list, labels, steps: int, guided: bool):
+    """The network calls of one sampling run on the recorded ``inputs``, with the same speed options, in a plain
+    loop (in the scope tailgen samples in, so compiled graphs are the same)."""
+    denoiser, classifier = module._denoiser(), module._noisy_classifier()
+    rows = torch.arange(len(labels), device=labels.device)
+
+    def run():
+        with no_donated_buffers():
+            for x, i in zip(inputs, range(steps - 1, -1, -1), strict=True):
+                with torch.no_grad():
+                    denoiser(x, i, labels)
+                if guided:
+                    with torch.enable_grad():
+                        x_in = x.detach().requires_grad_(True)
+                        log_p = torch.log_softmax(classifier(x_in, i).float(), -1)[rows, labels]
+                        torch.autograd.grad(log_p.sum(), x_in)
+    return run
+
+
+def build_module(case: str, steps: int, guided: bool, options: dict, device: str) -> GuidedDiffusion:
     spec = CASES[case]
     return GuidedDiffusion(
         network=NetworkSpec(**spec["network"]), classifier=NetworkSpec(kind="classifier", **spec["classifier"]),
         diffusion={"timestep_respacing": str(steps)}, sampler="ddpm",
         guidances={"classifier": ClassifierGuidance(scale=1.0)} if guided else None, progress=False,
-        check_samples=False, autocast=args.autocast, autocast_classifier=args.autocast_classifier,
-        channels_last=args.channels_last, attention=args.attention, compile=args.compile,
-        quantize=args.quantize, calibration=args.calibration,
-    ).to(args.device)
+        check_samples=False, **options,
+    ).to(device)
 
 
 def timed(fn, sync) -> float:
@@ -131,48 +199,94 @@ def timed(fn, sync) -> float:
     return time.perf_counter() - start
 
 
-def bench_case(case: str, guided: bool, batch: int, steps: int, args, ref_unet, script_util, sync) -> dict:
-    module = build_module(case, steps, guided, args)
+def bench_case(case: str, guided: bool, batch: int, steps: int, presets: dict[str, dict], args, ref_unet, script_util,
+               sync) -> list[dict]:
+    """One row per preset: every run of (case, guided) alternates in one timing loop (module docstring)."""
+    groups = share_runs(presets)
+    modules = {g: build_module(case, steps, guided, presets[g], args.device) for g in groups}
+    first = next(iter(modules.values()))
+    for module in modules.values():  # one set of weights everywhere (adm64 is randomly initialised per build)
+        module.net.load_state_dict(first.net.state_dict())
+        module.classifier_net.load_state_dict(first.classifier_net.state_dict())
     net_spec = NetworkSpec(**CASES[case]["network"])
     clf_spec = NetworkSpec(kind="classifier", **CASES[case]["classifier"])
-    ref_net, ref_clf = reference_networks(ref_unet, net_spec, clf_spec, module)
+    ref_net, ref_clf = reference_networks(ref_unet, net_spec, clf_spec, first)
     ref_net.to(args.device), ref_clf.to(args.device)
-    num_classes = module.num_classes or 1
+    num_classes = first.num_classes or 1
     labels = torch.arange(batch, device=args.device) % num_classes
     seeds = torch.arange(batch)
-    shape = (batch, *module.image_shape)
-    runs = {
-        "tailgen": lambda: module.sample(labels, seeds),
-        "reference": reference_sampler(reference_diffusion(script_util, net_spec, steps), ref_net, ref_clf,
-                                       shape, labels, guided),
-        "bare": bare_loop(module, shape, labels, steps, guided),
-    }
-    with torch.no_grad():  # same weights, same function: the two UNets agree on one input
-        x, t = torch.randn(shape, device=args.device), torch.full((batch,), 500, device=args.device)
-        same = (ref_net(x, t, y=labels) - module.net(x, t, y=labels)).abs().max().item()
-    first = {name: time_first_call(run) for name, run in runs.items()}  # warm-up (tailgen: compiles if asked)
+    same, inputs, warm, runs = {}, {g: [] for g in groups}, {}, {}
+    with torch.no_grad():  # same weights, same function: the UNets agree on one input
+        x, t = torch.randn(batch, *first.image_shape, device=args.device), torch.full((batch,), 500, device=args.device)
+        reference_eps = ref_net(x, t, y=labels)
+        for g, module in modules.items():
+            same[g] = (reference_eps - module.net(x, t, y=labels)).abs().max().item()
+    for g, module in modules.items():
+        warm[f"tailgen[{g}]"] = recording_sample(module, labels, seeds, inputs[g])
+        runs[f"tailgen[{g}]"] = functools.partial(module.sample, labels, seeds)
+    diffusion = reference_diffusion(script_util, net_spec, steps)
+    runs["reference"] = warm["reference"] = reference_sampler(diffusion, ref_net, ref_clf, (batch, *first.image_shape),
+                                                              labels, guided)
+    for g, module in modules.items():
+        runs[f"bare[{g}]"] = warm[f"bare[{g}]"] = bare_loop(module, inputs[g], labels, steps, guided)
+    first_call = {name: time_first_call(run) for name, run in warm.items()}  # warm-up (tailgen: compiles if asked)
     times = {name: [] for name in runs}
-    for _ in range(args.repeats):  # alternate: tailgen, reference, bare, tailgen, ...
-        for name, run in runs.items():
-            times[name].append(timed(run, sync) / batch)
-    med = {name: statistics.median(values) for name, values in times.items()}
-    compile_s = first["tailgen"] - med["tailgen"] * batch if args.compile else None  # first call minus a plain one
-    return {"case": case, "compile_s_estimate": compile_s, "guided": guided, "batch": batch, "steps": steps, "repeats": args.repeats,
-            "unet_max_abs_diff_vs_reference": same, "first_call_s": first, "per_image_s": times, "median_per_image_s": med,
-            "speedup_vs_reference": med["reference"] / med["tailgen"], "overhead_vs_bare": med["tailgen"] / med["bare"]}
+    for repeat in range(args.repeats):
+        for name in run_order(list(runs), repeat):
+            times[name].append(timed(runs[name], sync) / batch)
+    rows = []
+    for g, names in groups.items():
+        tailgen, bare, reference = times[f"tailgen[{g}]"], times[f"bare[{g}]"], times["reference"]
+        median = {"tailgen": statistics.median(tailgen), "reference": statistics.median(reference),
+                  "bare": statistics.median(bare)}
+        compile_s = first_call[f"tailgen[{g}]"] - median["tailgen"] * batch if presets[g]["compile"] else None
+        for name in names:
+            rows.append({
+                "case": case, "guided": guided, "preset": name, "options": presets[name],
+                "same_runs_as": [n for n in names if n != name], "batch": batch, "steps": steps,
+                "repeats": args.repeats, "order": list(runs), "unet_max_abs_diff_vs_reference": same[g],
+                "first_call_s": {"tailgen": first_call[f"tailgen[{g}]"], "reference": first_call["reference"],
+                                 "bare": first_call[f"bare[{g}]"]},
+                "per_image_s": {"tailgen": tailgen, "reference": reference, "bare": bare},
+                "median_per_image_s": median, "compile_s_estimate": compile_s,
+                "speedup_vs_reference": paired(reference, tailgen), "overhead_vs_bare": paired(tailgen, bare)})
+    return sorted(rows, key=lambda row: list(presets).index(row["preset"]))
 
 
-def markdown(rows: list[dict], settings: str) -> str:
-    lines = [f"settings: {settings}", "",
-             "| case | guided | batch | steps | tailgen s/img | guided-diffusion s/img | speed-up | tailgen/bare | "
-             "first call s (tailgen) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def markdown(rows: list[dict], presets: dict[str, dict], header: str) -> str:
+    lines = [header]
+    for name, options in presets.items():
+        shared = next((r["same_runs_as"] for r in rows if r["preset"] == name and r["same_runs_as"]), [])
+        lines.append(f"- {name}: " + " ".join(f"{k}={v}" for k, v in options.items())
+                     + (f" (same runs as {', '.join(shared)})" if shared else ""))
+    lines += ["", "| case | guided | preset | batch | steps | tailgen s/img | guided-diffusion s/img | "
+              "speed-up (median, min-max) | tailgen/bare (median, min-max) | first call s (tailgen) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        m = r["median_per_image_s"]
-        lines.append(f"| {r['case']} | {'yes' if r['guided'] else 'no'} | {r['batch']} | {r['steps']} | "
-                     f"{m['tailgen']:.4f} | {m['reference']:.4f} | {r['speedup_vs_reference']:.2f}x | "
-                     f"{r['overhead_vs_bare']:.3f} | {r['first_call_s']['tailgen']:.1f} |")
+        m, s, o = r["median_per_image_s"], r["speedup_vs_reference"], r["overhead_vs_bare"]
+        lines.append(f"| {r['case']} | {'yes' if r['guided'] else 'no'} | {r['preset']} | {r['batch']} | "
+                     f"{r['steps']} | {m['tailgen']:.4f} | {m['reference']:.4f} | "
+                     f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}) | "
+                     f"{o['median']:.3f} ({o['min']:.3f}-{o['max']:.3f}) | {r['first_call_s']['tailgen']:.1f} |")
     return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 11's acceptance read off the rows (medians of the paired ratios): met or not, one line each."""
+    lines = []
+    for r in rows:
+        target = SPEEDUP_TARGETS.get(r["preset"])
+        if r["case"] == "adm64" and r["guided"] and target is not None:
+            got = r["speedup_vs_reference"]["median"]
+            lines.append(f"- guided 64x64 speed-up [{r['preset']}] {got:.2f}x, target >= {target}x: "
+                         f"{'met' if got >= target else 'NOT met'}")
+    if rows:
+        worst = max(rows, key=lambda r: r["overhead_vs_bare"]["median"])
+        got = worst["overhead_vs_bare"]["median"]
+        lines.append(f"- overhead tailgen/bare, worst row ({worst['case']}, guided={worst['guided']}, "
+                     f"{worst['preset']}) {got:.3f}, target <= {OVERHEAD_TARGET}: "
+                     f"{'met' if got <= OVERHEAD_TARGET else 'NOT met'}")
+    return lines
 
 
 def parse_args(argv=None):
@@ -180,20 +294,24 @@ def parse_args(argv=None):
     ap.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, help="guided-diffusion checkout")
     ap.add_argument("--cases", default="fashion,adm64", help="comma list of: " + ", ".join(CASES))
     ap.add_argument("--guided", default="yes,no", help="comma list of yes / no")
+    ap.add_argument("--settings", default=None,
+                    help="comma list of presets: default, fp32, custom (default: default,fp32; custom when a speed "
+                         "flag is given)")
     ap.add_argument("--batch-fashion", type=int, default=80)
     ap.add_argument("--batch-adm64", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=50, help="DDPM steps (fashion)")
-    ap.add_argument("--steps-adm64", type=int, default=10, help="DDPM steps (adm64)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10, help="DDPM steps (fashion)")
+    ap.add_argument("--steps-adm64", type=int, default=4, help="DDPM steps (adm64)")
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--autocast", choices=["auto", "bf16", "fp16"], default=None)
-    ap.add_argument("--autocast-classifier", action="store_true")
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--attention", choices=["auto", "matmul", "sdpa"], default="auto")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--quantize", choices=["int8"], default=None, help="int8 UNet (CPU; models/quantize.py)")
-    ap.add_argument("--calibration", type=int, default=256, help="calibration inputs for --quantize")
+    speed = ap.add_argument_group("speed flags (the custom preset: the module's defaults with these replaced)")
+    speed.add_argument("--autocast", choices=["auto", "bf16", "fp16", "none"], default=None)
+    speed.add_argument("--autocast-classifier", action=argparse.BooleanOptionalAction, default=None)
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    speed.add_argument("--attention", choices=["auto", "matmul", "sdpa"], default=None)
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    speed.add_argument("--quantize", choices=["int8", "none"], default=None, help="int8 UNet (CPU; models/quantize.py)")
+    speed.add_argument("--calibration", type=int, default=None, help="calibration inputs for --quantize int8")
     ap.add_argument("--json", type=Path, default=None, help="write all numbers here")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny batches, 2 steps, 1 repeat")
     args = ap.parse_args(argv)
@@ -204,6 +322,20 @@ def parse_args(argv=None):
         ap.error(f"unknown case {bad[0]!r}: use {', '.join(CASES)}")
     if args.repeats < 1 or args.steps < 1 or args.steps_adm64 < 1:
         ap.error("--repeats, --steps and --steps-adm64 must be >= 1")
+    custom = {k: (None if v == "none" else v) for k in SPEED_OPTIONS if (v := getattr(args, k)) is not None}
+    names = (args.settings or ("custom" if custom else "default,fp32")).split(",")
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown or len(set(names)) != len(names):
+        ap.error(f"--settings {','.join(names)}: use distinct presets of {', '.join(PRESETS)}")
+    if "custom" in names and not custom:
+        ap.error("--settings custom needs a speed flag (--autocast, --channels-last, ...)")
+    args.presets = resolve_presets(names, custom)
+    for name, options in args.presets.items():
+        try:
+            resolve_autocast(options["autocast"], "cpu")
+            check_quantize(options["quantize"], options["calibration"], options["autocast"])
+        except ConfigError as err:
+            ap.error(f"preset {name}: {err}")
     return args
 
 
@@ -218,15 +350,18 @@ def main(argv=None) -> dict:
         batch = args.batch_fashion if case == "fashion" else args.batch_adm64
         steps = args.steps if case == "fashion" else args.steps_adm64
         for guided in (g.strip() == "yes" for g in args.guided.split(",")):
-            print(f"[bench] {case} guided={guided} batch={batch} steps={steps} ...", file=sys.stderr, flush=True)
-            rows.append(bench_case(case, guided, batch, steps, args, ref_unet, script_util, sync))
-    settings = (f"device={args.device} threads={torch.get_num_threads()} autocast={args.autocast} "
-                f"autocast_classifier={args.autocast_classifier} channels_last={args.channels_last} "
-                f"attention={args.attention} compile={args.compile} quantize={args.quantize}"
-                + (f" calibration={args.calibration}" if args.quantize else ""))
-    result = {"settings": vars(args) | {"reference": str(args.reference), "json": str(args.json)},
-              "hardware": hardware_report(), "rows": rows}
-    print(markdown(rows, settings))
+            print(f"[bench] {case} guided={guided} batch={batch} steps={steps} presets={','.join(args.presets)} ...",
+                  file=sys.stderr, flush=True)
+            rows.append(bench_case(case, guided, batch, steps, args.presets, args, ref_unet, script_util, sync))
+    rows = [row for group in rows for row in group]
+    header = (f"device={args.device} threads={torch.get_num_threads()} repeats={args.repeats} (ratios paired per "
+              f"repeat; order reversed every other repeat); presets:")
+    result = {"settings": {k: v for k, v in vars(args).items() if k != "presets"}
+              | {"reference": str(args.reference), "json": str(args.json)},
+              "presets": args.presets, "hardware": hardware_report(), "rows": rows}
+    print(markdown(rows, args.presets, header))
+    print("\nissue 11 targets (medians of the paired ratios" + ("; --quick: a smoke test, not a measurement" if
+          args.quick else "") + "):\n" + "\n".join(targets(rows)))
     if args.json:
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))  # all or nothing
         print(f"numbers written to {args.json}")

@@ -5,13 +5,16 @@
 Runs the Fashion default networks (fashion_diffusion + fashion_noisy_classifier, ADM-G s=1) under
 ``torch.profiler`` and prints (1) the time inside the UNet, inside the classifier forward and inside autograd's
 backward, and the rest (sampler arithmetic, guidance bookkeeping, noise, checks) as a share of the run;
-(2) the top ops by self CPU time outside the networks. Timings on a loaded machine are not benchmarks; the shares
-still point at what to remove.
+(2) the top ops by self CPU time outside the networks; (3) the minor page faults of the profiled run (memory the
+allocator had to get afresh from the kernel, e.g. for a classifier graph kept alive past its backward: 7-9
+thousand per step at batch 80 before issue 11's fix, a few hundred after). Timings on a loaded machine are not benchmarks; the shares and
+the fault count still point at what to remove.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -51,6 +54,9 @@ def main(argv=None):
             return grad(*a, **k)
     torch.autograd.grad = labelled_grad
     module.sample(labels, seeds)  # warm-up
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    module.sample(labels, seeds)  # counted without the profiler, whose own records take fresh memory
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with record_function("sample"):
             module.sample(labels, seeds)
@@ -63,6 +69,7 @@ def main(argv=None):
         print(f"  {name:<30} {us / 1e3:9.1f} ms  {100 * us / whole:5.1f} %")
     rest = whole - sum(parts.values())
     print(f"  {'rest (sampler + guidance)':<30} {rest / 1e3:9.1f} ms  {100 * rest / whole:5.1f} %")
+    print(f"  minor page faults, a run without the profiler: {faults} ({faults / args.steps:.0f} per step)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if args.trace:
         prof.export_chrome_trace(args.trace)

@@ -31,7 +31,9 @@ A step runs (``GuidanceStack.predict`` then the sampler's own update)::
     x_prev <- after_step hooks                                  (in order)
 
 Every gradient guidance evaluated on x_t uses the one ``ClassifierEval`` of the step: one classifier
-forward, one backward per distinct objective, shared by all guidances.
+forward, one backward per distinct objective, shared by all guidances (ADM-G, EDS and the low-density variants
+built on grad log p(y) share one); the networks' own call runs without autograd, so no backward sees UNet
+activations, and the backward of the step's last declared objective frees the classifier's.
 
 Each step records, per guidance, the RMS per sample of its *term* expressed as a score (units of
 grad_x log p(x_t), the quantity gradient guidances add to): ``w g`` for gradient guidances (any form), and for hook
@@ -77,17 +79,28 @@ class ClassifierEval:
     ``grad(name, objective)`` returns d/dx sum_b objective(self)[b] (one backward per distinct
     objective, cached by name). Because samples are independent, each sample's gradient does not
     depend on the batch. ``grad_log_p_y`` is ADM's ``cond_fn`` without the scale.
+
+    ``objectives``: the names of every objective the step will differentiate (what its active guidances declare,
+    ``Guidance.classifier_objectives``), or None where one is not declared. The backward of the last declared
+    objective frees the classifier's graph (its saved activations) instead of keeping it for another backward,
+    so ADM-G's single backward holds no memory past itself; an objective asked for after that re-runs the
+    forward on the same x_t (an undeclared objective costs a second forward, never a wrong gradient).
     """
 
-    def __init__(self, classifier: Callable[[Tensor, int], Tensor], x: Tensor, i: int, labels: Tensor):
+    def __init__(self, classifier: Callable[[Tensor, int], Tensor], x: Tensor, i: int, labels: Tensor,
+                 objectives: Optional[frozenset[str]] = None):
         if labels is None:
             raise ConfigError("classifier guidance needs class labels: sample with labels (data.labels)")
+        self._classifier, self._i, self.labels, self.objectives = classifier, i, labels, objectives
+        self._forward(x)
+        self._grads: dict[str, Tensor] = {}
+
+    def _forward(self, x: Tensor) -> None:
         with torch.enable_grad():
             self.x = x.detach().float().requires_grad_(True)
-            self.logits = classifier(self.x, i).float()
+            self.logits = self._classifier(self.x, self._i).float()
             self.log_probs = torch.log_softmax(self.logits, dim=-1)
-        self.labels = labels
-        self._grads: dict[str, Tensor] = {}
+        self._has_graph = True
 
     @property
     def log_p_y(self) -> Tensor:
@@ -103,12 +116,16 @@ class ClassifierEval:
         return self.log_p_y.detach().exp()
 
     def grad(self, name: str, objective: Callable[["ClassifierEval"], Tensor]) -> Tensor:
-        """Gradient w.r.t. x_t of ``objective(self).sum()``, cached under ``name``."""
+        """Gradient w.r.t. x_t of ``objective(self).sum()``, cached under ``name``; the graph is kept for a later
+        backward unless ``name`` is the last of the declared ``objectives``."""
         if name not in self._grads:
+            if not self._has_graph:  # freed by the last declared objective: recompute (same x_t, same logits)
+                self._forward(self.x)
+            keep = self.objectives is None or bool(self.objectives - self._grads.keys() - {name})
             with torch.enable_grad():
                 value = objective(self).sum()
-                (g,) = torch.autograd.grad(value, self.x, retain_graph=True)
-            self._grads[name] = g
+                (g,) = torch.autograd.grad(value, self.x, retain_graph=keep)
+            self._grads[name], self._has_graph = g, keep
         return self._grads[name]
 
     @property
@@ -135,6 +152,8 @@ class StepContext:
     pred: Optional[GuidedPrediction] = None
     terms: dict = field(default_factory=dict)  # guidance name -> [B] RMS of its term as a score (see module doc)
     network_term: Optional[Tensor] = None  # [B] RMS of the network's own score |eps| / sqrt(1 - abar)
+    # names of the ClassifierEval objectives the step's active guidances differentiate (None: not all declared)
+    classifier_objectives: Optional[frozenset[str]] = None
     _classifier_eval: Optional[ClassifierEval] = field(default=None, repr=False)
 
     @property
@@ -160,7 +179,8 @@ class StepContext:
                 "set model.classifier (a preset and checkpoint) or remove that guidance"
             )
         if self._classifier_eval is None:
-            self._classifier_eval = ClassifierEval(self.noisy_classifier, self.x, self.i, self.labels)
+            self._classifier_eval = ClassifierEval(self.noisy_classifier, self.x, self.i, self.labels,
+                                                   self.classifier_objectives)
         return self._classifier_eval
 
 
@@ -245,6 +265,12 @@ class Guidance:
         if per_sample is None:
             return w
         return w * per_sample.reshape(-1, *([1] * (ctx.x.dim() - 1))).to(ctx.x)
+
+    def classifier_objectives(self) -> Optional[frozenset[str]]:
+        """The names of the ``ClassifierEval.grad`` objectives this guidance differentiates when active (e.g.
+        ``{"log_p_y"}``); None: not declared, so the step keeps the classifier graph for any later backward.
+        Default: none for a guidance without ``uses_classifier``, not declared for one with it."""
+        return None if self.uses_classifier else frozenset()
 
     def validate(self, *, sampler: str, has_classifier: bool, has_uncond: bool) -> None:
         """Raise ConfigError if this guidance cannot run with the given sampler / networks."""

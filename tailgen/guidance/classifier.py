@@ -44,6 +44,9 @@ class ClassifierGuidance(GradientGuidance):
 
     uses_classifier = True
 
+    def classifier_objectives(self) -> frozenset[str]:
+        return frozenset({"log_p_y"})
+
     def direction(self, ctx: StepContext) -> Tensor:
         return ctx.classifier_eval().grad_log_p_y
 

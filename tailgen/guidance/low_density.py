@@ -95,6 +95,10 @@ class LowDensityGuidance(GradientGuidance):
             return self.target_confidence
         return None
 
+    def classifier_objectives(self) -> frozenset[str]:
+        second = {"complement": {"log_1m_p_y"}, "entropy": {"entropy"}}.get(self.variant, set())
+        return frozenset({"log_p_y", *second})
+
     def direction(self, ctx: StepContext) -> Tensor:
         ev = ctx.classifier_eval()
         g_y = ev.grad_log_p_y

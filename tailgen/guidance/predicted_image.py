@@ -107,6 +107,9 @@ class PredictedImageGradient(GradientGuidance):
     def uses_classifier(self) -> bool:  # type: ignore[override]
         return self.objective == "classifier_log_prob"
 
+    def classifier_objectives(self) -> frozenset[str]:
+        return frozenset()  # its classifier call is on x0_hat, through the denoiser: not the step's ClassifierEval
+
     def objective_value(self, ctx: StepContext, x0: Tensor) -> Tensor:
         """J(x0) per sample [B] (differentiable)."""
         if self.objective == "norm":

@@ -88,9 +88,22 @@ class GuidanceStack:
                 total = grad if total is None else total + grad
         return total
 
+    def classifier_objectives(self, ctx: StepContext) -> Optional[frozenset[str]]:
+        """The ``ClassifierEval`` objectives the guidances active at this step differentiate (None: one of them does
+        not declare its own), so the step's last classifier backward can free the graph."""
+        names: set[str] = set()
+        for g in self.guidances:
+            if g.active(ctx):
+                declared = g.classifier_objectives()
+                if declared is None:
+                    return None
+                names |= declared
+        return frozenset(names)
+
     def predict(self, ctx: StepContext, clip_denoised: bool = True) -> GuidedPrediction:
         """The one guided prediction routine shared by every sampler (H3, network, H1, clip, H4)."""
         process, i = ctx.process, ctx.i
+        ctx.classifier_objectives = self.classifier_objectives(ctx)
         beta, abar = float(process.betas[i]), float(process.alphas_cumprod[i])
         # H3: move x_t before the network call
         for g, w in self._active(ctx, "before_model"):

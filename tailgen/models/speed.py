@@ -161,12 +161,13 @@ def no_donated_buffers() -> contextlib.AbstractContextManager:
 
     A compiled graph's backward may free or reuse ("donate") the activations its forward saved, which is only valid
     when each forward is differentiated once. Guided sampling differentiates one classifier forward once per
-    objective (``ClassifierEval.grad``: log p(y), entropy, log(1 - p), ... with ``retain_graph=True``), so no graph
-    it runs may donate. The setting counts where a graph is compiled (at its first call for each new input shape,
-    the batch size among them) and where its backward runs, hence one scope around the whole run. Without it a
-    second batch size (dynamo then recompiles with a dynamic batch dimension, and AOT autograd compiles such a
-    graph's backward at once, donating) failed at the first backward with "non-empty donated buffers" (a static
-    graph's backward is compiled lazily, at its first backward, which sees retain_graph and donates nothing).
+    objective (``ClassifierEval.grad``: log p(y), entropy, log(1 - p), ...; all but the last with
+    ``retain_graph``), so no graph it runs may donate. The setting counts where a graph is compiled (at its first
+    call for each new input shape, the batch size among them) and where its backward runs, hence one scope around
+    the whole run. Without it a second batch size (dynamo then recompiles with a dynamic batch dimension, and AOT
+    autograd compiles such a graph's backward at once, donating) failed at the first backward with "non-empty
+    donated buffers" (a static graph's backward is compiled lazily, at its first backward, and one that sees
+    retain_graph donates nothing).
     """
     config = torch._functorch.config
     return config.patch(donated_buffer=False) if hasattr(config, "donated_buffer") else contextlib.nullcontext()
