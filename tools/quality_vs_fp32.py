@@ -1,7 +1,7 @@
 """Sample quality of each speed option vs float32 on Fashion, same labels and seeds (issue 11).
 
     python tools/quality_vs_fp32.py --num-samples 2000 --steps 50 --out outputs/quality_vs_fp32
-                                    [--settings fp32,fp32_seed1,bf16,bf16_cl,bf16_clf,sdpa,channels_last,compile,int8]
+                                    [--settings fp32,fp32_seed1,default,bf16,bf16_cl,bf16_clf,sdpa,channels_last,compile,int8]
                                     [--batch-size 100] [--unguided] [--device cpu] [--calibration 256]
 
 Samples the shipped fashion_diffusion with ADM-G s=1 (fashion_noisy_classifier; ``--unguided``: no guidance) for
@@ -19,6 +19,7 @@ what exists is reused, so a killed run continues. Writes ``<out>/results.md`` an
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
@@ -33,8 +34,10 @@ from tailgen.module.guided import GuidedDiffusion
 from tailgen.module.sampling_data import sample_seed
 from tailgen.utils.io import atomic_write
 
+STRICT_FP32 = {"autocast": None, "autocast_classifier": False, "channels_last": False}  # every setting starts here
 SETTINGS = {
-    "fp32": {},
+    "fp32": {},  # = STRICT_FP32
+    "default": {k: v.default for k, v in inspect.signature(GuidedDiffusion).parameters.items() if k in STRICT_FP32},
     "fp32_seed1": {"seed": 1},
     "bf16": {"autocast": "bf16"},
     "bf16_cl": {"autocast": "bf16", "channels_last": True},
@@ -49,6 +52,9 @@ HEADLINE = ("fid", "precision", "recall", "tail/accuracy")
 
 
 def build(options: dict, steps: int, guided: bool, device: str, calibration: int = 256) -> GuidedDiffusion:
+    """The Fashion model with ``options`` on top of strict float32 (not GuidedDiffusion's defaults, which may be
+    one of the settings under test)."""
+    options = {**STRICT_FP32, **options}
     if options.get("quantize"):
         options = {**options, "calibration": calibration}
     return GuidedDiffusion(
