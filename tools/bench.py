@@ -249,8 +249,15 @@ def bench_case(case: str, guided: bool, batch: int, steps: int, presets: dict[st
                                  "bare": first_call[f"bare[{g}]"]},
                 "per_image_s": {"tailgen": tailgen, "reference": reference, "bare": bare},
                 "median_per_image_s": median, "compile_s_estimate": compile_s,
-                "speedup_vs_reference": paired(reference, tailgen), "overhead_vs_bare": paired(tailgen, bare)})
+                "speedup_vs_reference": paired(reference, tailgen), "overhead_vs_bare": paired(tailgen, bare),
+                "best_of": best_of(tailgen, reference, bare)})
     return sorted(rows, key=lambda row: list(presets).index(row["preset"]))
+
+
+def best_of(tailgen: list[float], reference: list[float], bare: list[float]) -> dict:
+    """Ratios of the fastest repeats (timeit's rule: machine noise only ever adds time, so each side's minimum is its
+    least disturbed run): speed-up = min(reference) / min(tailgen), overhead = min(tailgen) / min(bare)."""
+    return {"speedup": min(reference) / min(tailgen), "overhead": min(tailgen) / min(bare)}
 
 
 def markdown(rows: list[dict], presets: dict[str, dict], header: str) -> str:
@@ -260,32 +267,36 @@ def markdown(rows: list[dict], presets: dict[str, dict], header: str) -> str:
         lines.append(f"- {name}: " + " ".join(f"{k}={v}" for k, v in options.items())
                      + (f" (same runs as {', '.join(shared)})" if shared else ""))
     lines += ["", "| case | guided | preset | batch | steps | tailgen s/img | guided-diffusion s/img | "
-              "speed-up (median, min-max) | tailgen/bare (median, min-max) | first call s (tailgen) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "speed-up (median, min-max) | tailgen/bare (median, min-max) | best-of speed-up | best-of tailgen/bare | "
+              "first call s (tailgen) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, s, o = r["median_per_image_s"], r["speedup_vs_reference"], r["overhead_vs_bare"]
         lines.append(f"| {r['case']} | {'yes' if r['guided'] else 'no'} | {r['preset']} | {r['batch']} | "
                      f"{r['steps']} | {m['tailgen']:.4f} | {m['reference']:.4f} | "
                      f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}) | "
-                     f"{o['median']:.3f} ({o['min']:.3f}-{o['max']:.3f}) | {r['first_call_s']['tailgen']:.1f} |")
+                     f"{o['median']:.3f} ({o['min']:.3f}-{o['max']:.3f}) | {r['best_of']['speedup']:.2f}x | "
+                     f"{r['best_of']['overhead']:.3f} | {r['first_call_s']['tailgen']:.1f} |")
     return "\n".join(lines)
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """Issue 11's acceptance read off the rows (medians of the paired ratios): met or not, one line each."""
+    """Issue 11's acceptance read off the rows: met only when both the median paired ratio and the best-of ratio
+    meet it, one line each."""
     lines = []
     for r in rows:
         target = SPEEDUP_TARGETS.get(r["preset"])
         if r["case"] == "adm64" and r["guided"] and target is not None:
-            got = r["speedup_vs_reference"]["median"]
-            lines.append(f"- guided 64x64 speed-up [{r['preset']}] {got:.2f}x, target >= {target}x: "
-                         f"{'met' if got >= target else 'NOT met'}")
+            got, best = r["speedup_vs_reference"]["median"], r["best_of"]["speedup"]
+            lines.append(f"- guided 64x64 speed-up [{r['preset']}] {got:.2f}x (best-of {best:.2f}x), target >= "
+                         f"{target}x: {'met' if min(got, best) >= target else 'NOT met'}")
     if rows:
         worst = max(rows, key=lambda r: r["overhead_vs_bare"]["median"])
         got = worst["overhead_vs_bare"]["median"]
+        best = max(r["best_of"]["overhead"] for r in rows)
         lines.append(f"- overhead tailgen/bare, worst row ({worst['case']}, guided={worst['guided']}, "
-                     f"{worst['preset']}) {got:.3f}, target <= {OVERHEAD_TARGET}: "
-                     f"{'met' if got <= OVERHEAD_TARGET else 'NOT met'}")
+                     f"{worst['preset']}) {got:.3f} (worst best-of {best:.3f}), target <= {OVERHEAD_TARGET}: "
+                     f"{'met' if max(got, best) <= OVERHEAD_TARGET else 'NOT met'}")
     return lines
 
 
