@@ -259,7 +259,7 @@ def test_a_steps_unit_samples_with_its_sampler_and_steps_and_records_both(tmp_pa
     assert args["sampler"] == "ddim" and args["eta"] == 0 and args["guidances"]["cg"]["init_args"]["scale"] == 1
     assert record["steps"] == 10 and record["run"] == "ddim@10+adm_g@1" and record["metrics"] == {"fid": 1.5}
     assert record["sampling"] == {"sampler": "ddim", "eta": 0, "autocast": "auto", "autocast_classifier": True,
-                                  "channels_last": True}
+                                  "channels_last": "auto"}
 
 
 def test_a_tail_unit_runs_and_records_as_before(tmp_path, monkeypatch):
