@@ -164,7 +164,7 @@ class GuidedDiffusion(L.LightningModule):
             compile_net = self.compile_networks
             if role == "network" and self.quantize is not None:  # calibrated now; runs eagerly (oneDNN int8)
                 net, compile_net, dtype = int8_network(self), False, None
-            elif self.channels_last == "auto" and wants_channels_last("auto", dtype):
+            elif wants_channels_last(self.channels_last, dtype):  # auto: NHWC under autocast (true: since init)
                 net.to(memory_format=torch.channels_last)
             self._fast[key] = fast_network(net, autocast=dtype, compile=compile_net)
         return self._fast[key]
