@@ -31,13 +31,12 @@ CLF = dict(image_size=16, in_channels=3, num_classes=10, classifier_width=32, cl
            classifier_attention_resolutions="8", classifier_channel_mult="1,2")
 
 
-STRICT_FP32 = dict(autocast=None, autocast_classifier=False, channels_last=False)
 
 
 def build(guidances=None, defaults=False, **options) -> GuidedDiffusion:
     """The same tiny guided model for every option: seeded init, zero-initialised layers filled (seeded). Options
     not given are strict float32 (the reference of this file), or with ``defaults`` GuidedDiffusion's own."""
-    options = options if defaults else {**STRICT_FP32, **options}
+    options = options if defaults else {**speed.STRICT_FP32, **options}
     torch.manual_seed(0)
     module = GuidedDiffusion(
         NetworkSpec(flags=UNET, random_init=True), NetworkSpec(kind="classifier", flags=CLF, random_init=True),

@@ -52,7 +52,8 @@ from tailgen.diffusion.noise import SeededNoise
 from tailgen.guidance import ClassifierGuidance
 from tailgen.models import adm
 from tailgen.models.spec import NetworkSpec
-from tailgen.models.speed import check_quantize, hardware_report, no_donated_buffers, resolve_autocast, time_first_call
+from tailgen.models.speed import (STRICT_FP32, check_quantize, hardware_report, no_donated_buffers, resolve_autocast,
+                                  time_first_call)
 from tailgen.module.guided import GuidedDiffusion
 from tailgen.utils import ConfigError
 from tailgen.utils.io import atomic_write
@@ -64,7 +65,6 @@ CASES = {
 }
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/guided-diffusion"
 SPEED_OPTIONS = ("autocast", "autocast_classifier", "channels_last", "attention", "compile", "quantize", "calibration")
-FP32 = {"autocast": None, "autocast_classifier": False, "channels_last": False, "compile": False, "quantize": None}
 PRESETS = ("default", "fp32", "custom")
 # issue 11's acceptance: guided DDPM speed-up on the 64x64 architecture per preset, and tailgen / bare everywhere
 SPEEDUP_TARGETS = {"default": 1.5, "fp32": 1.1}
@@ -80,7 +80,7 @@ def module_defaults() -> dict:
 def resolve_presets(names: list[str], custom: dict) -> dict[str, dict]:
     """Preset name -> its speed options (``custom``: the defaults with the explicit flags replacing options)."""
     defaults = module_defaults()
-    table = {"default": defaults, "fp32": {**defaults, **FP32}, "custom": {**defaults, **custom}}
+    table = {"default": defaults, "fp32": {**defaults, **STRICT_FP32}, "custom": {**defaults, **custom}}
     return {name: table[name] for name in names}
 
 

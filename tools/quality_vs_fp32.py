@@ -29,14 +29,14 @@ from tqdm.auto import tqdm
 
 from tailgen.guidance import ClassifierGuidance
 from tailgen.models.spec import NetworkSpec
+from tailgen.models.speed import STRICT_FP32
 from tailgen.module.evaluation import Evaluation
 from tailgen.module.guided import GuidedDiffusion
 from tailgen.module.sampling_data import sample_seed
 from tailgen.utils.io import atomic_write
 
-STRICT_FP32 = {"autocast": None, "autocast_classifier": False, "channels_last": False}  # every setting starts here
 SETTINGS = {
-    "fp32": {},  # = STRICT_FP32
+    "fp32": {},  # every setting starts from STRICT_FP32 (tailgen.models.speed)
     "default": {k: v.default for k, v in inspect.signature(GuidedDiffusion).parameters.items() if k in STRICT_FP32},
     "fp32_seed1": {"seed": 1},
     "bf16": {"autocast": "bf16"},

@@ -37,6 +37,10 @@ ATTENTION_MODES = {"auto": None, "matmul": False, "sdpa": True}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST_CHOICES = (None, "auto", *AUTOCAST_DTYPES)
 QUANTIZE_CHOICES = (None, "int8")
+# the speed options of strict float32 (no autocast, float32 classifier, standard layout, eager, no int8): the
+# reference every speed option is measured against (tools/bench.py, tools/quality_vs_fp32.py, the tests)
+STRICT_FP32 = {"autocast": None, "autocast_classifier": False, "channels_last": False, "compile": False,
+               "quantize": None}
 
 
 @functools.lru_cache(maxsize=None)
