@@ -52,8 +52,14 @@ from tailgen.diffusion.noise import SeededNoise
 from tailgen.guidance import ClassifierGuidance
 from tailgen.models import adm
 from tailgen.models.spec import NetworkSpec
-from tailgen.models.speed import (STRICT_FP32, check_quantize, hardware_report, no_donated_buffers, resolve_autocast,
-                                  time_first_call)
+from tailgen.models.speed import (
+    STRICT_FP32,
+    check_quantize,
+    hardware_report,
+    no_donated_buffers,
+    resolve_autocast,
+    time_first_call,
+)
 from tailgen.module.guided import GuidedDiffusion
 from tailgen.utils import ConfigError
 from tailgen.utils.io import atomic_write
