@@ -9,7 +9,7 @@ from conftest import FIXTURES
 from tailgen.models.adm import (
     DEFAULT_CHANNEL_MULT, create_classifier, create_model, create_superres_model, flags_from_string, model_defaults,
 )
-from tailgen.models.attention import qkv_attention
+from tailgen.models.attention import CPU_SDPA_MIN_TOKENS, qkv_attention
 from tailgen.models.unet import UNetModel
 from tailgen.utils import ConfigError
 
@@ -181,3 +181,26 @@ def test_model_defaults_are_the_reference_ones():
     defaults = model_defaults()
     assert defaults["num_channels"] == 128 and defaults["num_heads"] == 4 and defaults["attention_resolutions"] == "16,8"
     assert defaults["use_scale_shift_norm"] is True and defaults["in_channels"] == 3 and defaults["num_classes"] == 1000
+
+
+def _attention_kernels(qkv: torch.Tensor, use_sdpa) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        qkv_attention(qkv, 2, True, use_sdpa=use_sdpa)
+    return {event.name for event in prof.events()}
+
+
+def test_cpu_sdpa_takes_the_fused_kernel():
+    """The (B, heads, ch, T) views are made contiguous: with a strided last dim CPU SDPA silently runs its math
+    path (bmm + softmax), which made `attention: sdpa` no faster than the matmul form."""
+    names = _attention_kernels(torch.randn(1, 3 * 2 * 8, 64), use_sdpa=True)
+    assert any("flash_attention" in name for name in names), sorted(names)
+    assert "aten::bmm" not in names
+
+
+@pytest.mark.parametrize("tokens", [CPU_SDPA_MIN_TOKENS - 1, CPU_SDPA_MIN_TOKENS])
+def test_auto_attention_on_cpu_by_length(tokens):
+    qkv = torch.randn(1, 3 * 2 * 4, tokens, generator=torch.Generator().manual_seed(0))
+    names = _attention_kernels(qkv, use_sdpa=None)
+    assert any("flash_attention" in name for name in names) == (tokens >= CPU_SDPA_MIN_TOKENS)
+    torch.testing.assert_close(qkv_attention(qkv, 2, True), _reference_attention(qkv, 2, True), atol=1e-6, rtol=1e-5)

@@ -187,3 +187,24 @@ def test_compile_takes_a_second_batch_size_with_classifier_gradients(monkeypatch
     for n in (4, 3):
         labels, seeds = torch.arange(n), torch.arange(n) + 10
         torch.testing.assert_close(compiled.sample(labels, seeds), eager.sample(labels, seeds), atol=1e-4, rtol=0)
+
+
+def test_network_clock_times_calls_and_backward_once():
+    from tailgen.models.speed import NetworkClock
+    clock, net = NetworkClock(), torch.nn.Linear(3, 1)
+    timed = clock.wrap(net)
+    assert timed.weight is net.weight  # attributes reach the wrapped callable
+    x = torch.randn(4, 3, requires_grad=True)
+    grad = torch.autograd.grad
+    with clock.backward():
+        assert torch.autograd.grad is not grad
+        (g,) = torch.autograd.grad(timed(x).sum(), x)
+    assert torch.autograd.grad is grad  # restored
+    torch.testing.assert_close(g, net.weight.expand(4, 3))
+    assert clock.calls == 2 and clock.seconds > 0
+    nested = clock.wrap(lambda: timed(x))  # a timed call inside a timed call counts once
+    nested()
+    assert clock.calls == 3
+    before = clock.seconds
+    torch.autograd.grad(net(x).sum(), x)  # outside backward(): not timed
+    assert clock.calls == 3 and clock.seconds == before

@@ -2,8 +2,11 @@
 
 The reference scales q and k each by ch^(-1/4) and takes a float32 softmax of q^T k; that equals scaled
 dot-product attention with scale 1/sqrt(ch). Each attention module has ``use_sdpa``: None ("auto", the default)
-takes `F.scaled_dot_product_attention` on accelerators and the explicit matmul form on CPU; True / False force
-one form (``models/speed.set_attention``, the ``attention: matmul | sdpa | auto`` option).
+takes `F.scaled_dot_product_attention` on accelerators and, on CPU, for sequences of at least
+``CPU_SDPA_MIN_TOKENS`` (its fused flash kernel never materialises the T x T scores: 2.6x faster in float32, 3-6x in
+bf16 at T = 1024 on the 64x64 UNet's shapes), and the explicit matmul form for shorter ones on CPU (0.6-1.1x there,
+docs/bench/2026-12-01_s6_attention.md); True / False force one form (``models/speed.set_attention``, the
+``attention: matmul | sdpa | auto`` option).
 Two channel layouts of the fused qkv tensor (B, 3 * heads * ch, T) exist and must be kept exact:
 
 * legacy (`QKVAttentionLegacy`): heads first, then q/k/v inside each head -> view (B, heads, 3, ch, T);
@@ -17,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tailgen.models.nn import conv_nd, maybe_checkpoint, normalization, zero_module
+
+CPU_SDPA_MIN_TOKENS = 1024  # "auto" on CPU: SDPA from 32x32 feature maps up, the matmul form below
 from tailgen.utils import ConfigError
 
 
@@ -26,7 +31,7 @@ def qkv_attention(
     """Multi-head attention over a fused (B, 3*C, T) qkv tensor; returns (B, C, Tq).
 
     `num_queries` limits the queries to the first tokens (the attention pool only needs token 0);
-    `use_sdpa` None picks SDPA off-CPU and the explicit form on CPU.
+    `use_sdpa` None picks SDPA off-CPU and on CPU from ``CPU_SDPA_MIN_TOKENS`` tokens, else the explicit form.
     """
     batch, width, length = qkv.shape
     ch = width // (3 * num_heads)
@@ -36,12 +41,15 @@ def qkv_attention(
         q, k, v = qkv.view(batch, num_heads, 3, ch, length).unbind(2)
     if num_queries is not None:
         q = q[..., :num_queries]
-    if use_sdpa if use_sdpa is not None else qkv.device.type != "cpu":
-        # (B, heads, ch, T) -> (B, heads, T, ch); fused kernels (flash / memory-efficient) on accelerators.
-        q, k, v = (tensor.transpose(-1, -2) for tensor in (q, k, v))
+    if use_sdpa is None:
+        use_sdpa = qkv.device.type != "cpu" or length >= CPU_SDPA_MIN_TOKENS
+    if use_sdpa:
+        # (B, heads, ch, T) -> (B, heads, T, ch), contiguous: the fused kernels need unit stride in the last dim
+        # (with a strided view, CPU SDPA silently falls back to its slower math path).
+        q, k, v = (tensor.transpose(-1, -2).contiguous() for tensor in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
     else:
-        # On CPU the explicit form is faster than SDPA for these sizes: softmax(q^T k / sqrt(ch)) in float32.
+        # The explicit form, softmax(q^T k / sqrt(ch)) in float32.
         weight = torch.matmul(q.transpose(-1, -2) * ch**-0.5, k)
         weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
         out = torch.matmul(v, weight.transpose(-1, -2))
@@ -81,7 +89,7 @@ class AttentionBlock(nn.Module):
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
-        self.use_sdpa: bool | None = None  # None: SDPA off-CPU, explicit matmul on CPU
+        self.use_sdpa: bool | None = None  # None: "auto" (qkv_attention)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return maybe_checkpoint(self._forward, (x,), self.use_checkpoint)
@@ -109,7 +117,7 @@ class AttentionPool2d(nn.Module):
         self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
         self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
         self.num_heads = resolve_num_heads(embed_dim, 1, num_heads_channels)
-        self.use_sdpa: bool | None = None  # None: SDPA off-CPU, explicit matmul on CPU
+        self.use_sdpa: bool | None = None  # None: "auto" (qkv_attention)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Attention output of the mean token before `c_proj`: (B, embed_dim)."""

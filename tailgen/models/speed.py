@@ -10,7 +10,7 @@ memory layout, the attention kernel and ``torch.compile``. Plain PyTorch; ``Guid
   to summation order. ``"auto"``: NHWC exactly for the networks that run under autocast (in float32 on the CPU
   NHWC makes GroupNorm 2-8x slower; under bf16 it is the fast layout).
 * ``attention``: ``"matmul"`` (explicit softmax(q^T k / sqrt(c)) v, float32 softmax), ``"sdpa"``
-  (``F.scaled_dot_product_attention``) or ``"auto"`` (SDPA off-CPU, matmul on CPU).
+  (``F.scaled_dot_product_attention``) or ``"auto"`` (SDPA off-CPU; on CPU SDPA for >= 1024 tokens, matmul below).
 * ``compile``: ``torch.compile`` of the network's forward (the module itself is unchanged, so its state dict
   and attributes stay as they are). Guided sampling runs inside ``no_donated_buffers()`` (see there).
 * ``quantize``: ``"int8"`` runs the diffusion UNet's convolutions as calibrated int8 oneDNN kernels on the CPU
@@ -182,3 +182,48 @@ def time_first_call(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+class NetworkClock:
+    """The wall time a sampling run spends inside its networks, measured in that same run (issue 11's framework
+    overhead = run time / network time, free of the machine's drift between separate runs).
+
+    ``wrap(fn)`` times every call of a network callable (attributes still reach ``fn``); within ``backward()``
+    every ``torch.autograd.grad`` (the classifier's backward, and any backward through the UNet) is timed too.
+    Nested timed calls count once. ``sync`` (e.g. ``torch.cuda.synchronize``) runs around each timed call.
+    """
+
+    def __init__(self, sync: Callable[[], None] = lambda: None):
+        self.seconds, self.calls, self._depth, self._sync = 0.0, 0, 0, sync
+
+    def _time(self, fn: Callable, *args, **kwargs):
+        if self._depth:
+            return fn(*args, **kwargs)
+        self._sync()
+        start, self._depth = time.perf_counter(), 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._sync()
+            self.seconds += time.perf_counter() - start
+            self.calls, self._depth = self.calls + 1, 0
+
+    def wrap(self, fn: Callable) -> Callable:
+        clock = self
+
+        class Timed:
+            def __call__(self, *args, **kwargs):
+                return clock._time(fn, *args, **kwargs)
+
+            def __getattr__(self, name: str):
+                return getattr(fn, name)
+        return Timed()
+
+    @contextlib.contextmanager
+    def backward(self):
+        grad = torch.autograd.grad
+        torch.autograd.grad = functools.partial(self._time, grad)
+        try:
+            yield self
+        finally:
+            torch.autograd.grad = grad

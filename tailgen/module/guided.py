@@ -80,7 +80,7 @@ class GuidedDiffusion(L.LightningModule):
         channels_last: NHWC network weights (faster convolutions on CPU with oneDNN and on GPU); ``auto``
             (default): NHWC for the networks that run under autocast, the standard layout in float32.
         attention: ``matmul`` (explicit float32 softmax), ``sdpa`` (``F.scaled_dot_product_attention``) or
-            ``auto`` (SDPA off-CPU, matmul on CPU).
+            ``auto`` (SDPA off-CPU; on CPU SDPA for >= 1024 tokens, matmul below).
         compile: ``torch.compile`` the UNet(s) and classifier (the first batch pays the compile time).
         quantize: ``int8``: the diffusion UNet's convolutions as int8 oneDNN kernels, CPU only (classifier and
             unconditional network stay float; not with ``autocast``; the int8 UNet is not compiled); calibrated

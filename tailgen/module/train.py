@@ -168,7 +168,7 @@ class DiffusionTrainer(_EMATrainer):
             random initialisation; the EMA starts from it too, at full decay (fine-tuning a shipped model).
         autocast: run the network forward under ``torch.autocast`` (``bf16`` / ``fp16``; ``auto``: bf16 where the
             hardware has fast bf16; null: float32 unless Lightning's ``precision`` says otherwise); losses float32.
-        attention: ``auto`` (SDPA off-CPU, explicit matmul on CPU), ``matmul`` or ``sdpa``.
+        attention: ``auto`` (SDPA off-CPU; on CPU SDPA for >= 1024 tokens, matmul below), ``matmul`` or ``sdpa``.
         compile: ``torch.compile`` the trained network (the first steps pay the compile time).
     """
 
