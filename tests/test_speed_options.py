@@ -208,3 +208,19 @@ def test_network_clock_times_calls_and_backward_once():
     before = clock.seconds
     torch.autograd.grad(net(x).sum(), x)  # outside backward(): not timed
     assert clock.calls == 3 and clock.seconds == before
+
+
+def test_compile_on_cpu_runs_float32(monkeypatch):
+    """torch.compile x CPU autocast gave non-finite outputs (models/speed.compiled_autocast): under compile `auto`
+    gives way to float32 and an explicit bf16 is refused with one clear error, before any sample is made."""
+    compile_ = torch.compile
+    monkeypatch.setattr(speed.torch, "compile", lambda net, **kwargs: compile_(net, backend="aot_eager"))
+    monkeypatch.setenv("TAILGEN_FAST_BF16", "1")
+    module = build(compile=True, autocast="auto", autocast_classifier=True)
+    assert isinstance(build(autocast="auto")._fast_call("network", module.net), speed.AutocastCall)  # eager: bf16
+    assert not isinstance(module._fast_call("network", module.net), speed.AutocastCall)
+    assert not isinstance(module._fast_call("classifier", module.classifier_net), speed.AutocastCall)
+    assert speed.compiled_autocast("auto", torch.bfloat16, False, "cpu") is torch.bfloat16  # eager keeps bf16
+    assert speed.compiled_autocast("bf16", torch.bfloat16, True, "cuda") is torch.bfloat16  # only CPU gives way
+    with pytest.raises(ConfigError, match="compile: true with autocast: bf16 on CPU"):
+        build(compile=True, autocast="bf16").sample(torch.arange(2), torch.arange(2))

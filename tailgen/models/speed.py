@@ -102,6 +102,21 @@ def check_quantize(quantize: Optional[str], calibration: int, autocast: Optional
                           "keeps its other layers in float32): drop one of them")
 
 
+def compiled_autocast(autocast: Optional[str], dtype: Optional[torch.dtype], compile: bool,
+                      device: torch.device | str) -> Optional[torch.dtype]:
+    """The autocast dtype of a network that is also compiled. On CPU, torch.compile (inductor, torch 2.14) of the
+    64x64 ADM UNet under bf16 autocast returns non-finite values where eager bf16 is finite (the whole middle block
+    compiled as one graph; each of its layers compiled alone is finite: ``python tools/compile_check.py``), so
+    there ``auto`` gives way to float32 when ``compile`` is on and an explicit bf16 / fp16 is refused."""
+    if not compile or dtype is None or torch.device(device).type != "cpu":
+        return dtype
+    if autocast == "auto":
+        return None
+    raise ConfigError(f"compile: true with autocast: {autocast} on CPU gives non-finite samples (an inductor bug "
+                      "with CPU autocast, docs/bench/2026-12-01_s6_compile.md): use autocast: null (or auto) "
+                      "with compile, or autocast without compile")
+
+
 def check_channels_last(channels_last) -> None:
     """ConfigError unless ``channels_last`` is true, false or ``auto``."""
     if not (isinstance(channels_last, bool) or channels_last == "auto"):

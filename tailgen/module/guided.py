@@ -23,8 +23,8 @@ from tailgen.diffusion.process import DiffusionProcess
 from tailgen.guidance import Guidance, GuidanceStack
 from tailgen.guidance.stack import guidance_configs
 from tailgen.models.spec import ExpertSpec, NetworkSpec, build_experts
-from tailgen.models.speed import (check_channels_last, check_quantize, fast_network, no_donated_buffers,
-                                  prepare_network, resolve_autocast, wants_channels_last)
+from tailgen.models.speed import (check_channels_last, check_quantize, compiled_autocast, fast_network,
+                                  no_donated_buffers, prepare_network, resolve_autocast, wants_channels_last)
 from tailgen.models.unet import check_labels
 from tailgen.module.evaluation import LABELLED_METRICS, GridSamples, Evaluation, as_floats, format_table, write_report
 from tailgen.module.quantize import int8_network
@@ -81,7 +81,9 @@ class GuidedDiffusion(L.LightningModule):
             (default): NHWC for the networks that run under autocast, the standard layout in float32.
         attention: ``matmul`` (explicit float32 softmax), ``sdpa`` (``F.scaled_dot_product_attention``) or
             ``auto`` (SDPA off-CPU; on CPU SDPA for >= 1024 tokens, matmul below).
-        compile: ``torch.compile`` the UNet(s) and classifier (the first batch pays the compile time).
+        compile: ``torch.compile`` the UNet(s) and classifier (the first batch pays the compile time). On CPU it
+            runs float32: ``autocast: auto`` gives way, an explicit bf16 / fp16 is a ConfigError (inductor x CPU
+            autocast gave non-finite outputs, ``models/speed.compiled_autocast``).
         quantize: ``int8``: the diffusion UNet's convolutions as int8 oneDNN kernels, CPU only (classifier and
             unconditional network stay float; not with ``autocast``; the int8 UNet is not compiled); calibrated
             at the first batch (``module/quantize.py``).
@@ -162,6 +164,7 @@ class GuidedDiffusion(L.LightningModule):
             if role == "classifier" and not self.autocast_classifier:
                 dtype = None
             compile_net = self.compile_networks
+            dtype = compiled_autocast(self.autocast, dtype, compile_net, self.device)
             if role == "network" and self.quantize is not None:  # calibrated now; runs eagerly (oneDNN int8)
                 net, compile_net, dtype = int8_network(self), False, None
             elif wants_channels_last(self.channels_last, dtype):  # auto: NHWC under autocast (true: since init)
