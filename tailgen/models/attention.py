@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tailgen.models.nn import conv_nd, maybe_checkpoint, normalization, zero_module
+from tailgen.utils import ConfigError
 
 CPU_SDPA_MIN_TOKENS = 1024  # "auto" on CPU: SDPA from 32x32 feature maps up, the matmul form below
-from tailgen.utils import ConfigError
 
 
 def qkv_attention(
