@@ -224,15 +224,7 @@ class NetworkClock:
             self.calls, self._depth = self.calls + 1, 0
 
     def wrap(self, fn: Callable) -> Callable:
-        clock = self
-
-        class Timed:
-            def __call__(self, *args, **kwargs):
-                return clock._time(fn, *args, **kwargs)
-
-            def __getattr__(self, name: str):
-                return getattr(fn, name)
-        return Timed()
+        return _TimedCall(self, fn)
 
     @contextlib.contextmanager
     def backward(self):
@@ -242,3 +234,18 @@ class NetworkClock:
             yield self
         finally:
             torch.autograd.grad = grad
+
+
+class _TimedCall:
+    """``fn`` timed by a ``NetworkClock``; other attributes are ``fn``'s."""
+
+    def __init__(self, clock: NetworkClock, fn: Callable):
+        self.clock, self.fn = clock, fn
+
+    def __call__(self, *args, **kwargs):
+        return self.clock._time(self.fn, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "fn":
+            raise AttributeError(name)
+        return getattr(self.fn, name)
