@@ -31,8 +31,6 @@ CLF = dict(image_size=16, in_channels=3, num_classes=10, classifier_width=32, cl
            classifier_attention_resolutions="8", classifier_channel_mult="1,2")
 
 
-
-
 def build(guidances=None, defaults=False, **options) -> GuidedDiffusion:
     """The same tiny guided model for every option: seeded init, zero-initialised layers filled (seeded). Options
     not given are strict float32 (the reference of this file), or with ``defaults`` GuidedDiffusion's own."""
@@ -190,8 +188,7 @@ def test_compile_takes_a_second_batch_size_with_classifier_gradients(monkeypatch
 
 
 def test_network_clock_times_calls_and_backward_once():
-    from tailgen.models.speed import NetworkClock
-    clock, net = NetworkClock(), torch.nn.Linear(3, 1)
+    clock, net = speed.NetworkClock(), torch.nn.Linear(3, 1)
     timed = clock.wrap(net)
     assert timed.weight is net.weight  # attributes reach the wrapped callable
     x = torch.randn(4, 3, requires_grad=True)
