@@ -1,7 +1,10 @@
 """tools/tail_study.py: the plan expands into the intended runs, and units are claimed by one process at a time."""
 
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -103,10 +106,21 @@ def test_update_readme_replaces_only_the_generated_block(tmp_path):
 
 def test_study_processes_stop_at_a_unit_boundary_when_asked(tmp_path):
     assert tail_study.should_stop(tmp_path, None) is None
-    assert tail_study.should_stop(tmp_path, "99:99") is None  # not yet
-    assert "deadline" in tail_study.should_stop(tmp_path, "00:00")
+    assert tail_study.should_stop(tmp_path, time.time() + 60) is None  # not yet
+    assert "deadline" in tail_study.should_stop(tmp_path, time.time() - 1)
     (tmp_path / "STOP").touch()
     assert "STOP" in tail_study.should_stop(tmp_path, None)
+
+
+def test_deadline_is_the_next_such_time_across_midnight():
+    import datetime as dt
+
+    evening = dt.datetime(2026, 12, 1, 22, 10).timestamp()
+    assert dt.datetime.fromtimestamp(tail_study.parse_deadline("00:40", evening)) == dt.datetime(2026, 12, 2, 0, 40)
+    assert dt.datetime.fromtimestamp(tail_study.parse_deadline("23:05", evening)) == dt.datetime(2026, 12, 1, 23, 5)
+    for bad in ("24:00", "7pm", "12:5"):
+        with pytest.raises(SystemExit, match="HH:MM"):
+            tail_study.parse_deadline(bad, evening)
 
 
 def test_seed_noise_needs_every_headline_seed_set():

@@ -34,6 +34,7 @@ import copy
 import importlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -295,8 +296,10 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--wandb", action="store_true", help="log every test run to W&B (offline)")
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--deadline", help="HH:MM: start no unit after this time (a running unit finishes)")
+    ap.add_argument("--deadline", help="HH:MM: start no unit after the next such local time, midnight crossed if "
+                    "needed (a running unit finishes)")
     args = ap.parse_args(argv)
+    deadline = parse_deadline(args.deadline) if args.deadline else None
     plan = load_plan(args.plan)
     args.out, args.records, args.docs = paths(plan, args.out, args.records, args.docs).values()
     if args.action == "list":
@@ -324,21 +327,35 @@ def main(argv=None) -> None:
 
     todo = units(plan, args.stage, args.only)
     for name, n, seed in tqdm(todo, desc=f"tail study ({args.stage})", disable=args.dry_run):
-        if not args.dry_run and (reason := should_stop(Path(args.out), args.deadline)):
+        if not args.dry_run and (reason := should_stop(Path(args.out), deadline)):
             print(f"tail_study: stopping before {name} n={n} seed={seed}: {reason}", flush=True)
             break
         run_unit(plan, name, plan["_runs"][name], n, seed, out, records, args.wandb, args.dry_run)
 
 
-def should_stop(out: Path, deadline: str | None) -> str | None:
+def parse_deadline(text: str, now: float | None = None) -> float:
+    """``HH:MM`` -> the epoch time of its next occurrence after ``now`` (local time; "00:40" at 22:10 is tomorrow's)."""
+    import datetime as dt
+
+    match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text.strip())
+    if not match:
+        raise SystemExit(f"tail_study: --deadline {text!r} is not a time HH:MM (00:00-23:59); e.g. --deadline 00:40")
+    start = dt.datetime.fromtimestamp(time.time() if now is None else now)
+    at = start.replace(hour=int(match[1]), minute=int(match[2]), second=0, microsecond=0)
+    if at <= start:
+        at += dt.timedelta(days=1)
+    return at.timestamp()
+
+
+def should_stop(out: Path, deadline: float | None) -> str | None:
     """Why no new unit should start: a ``STOP`` file in ``out`` (``touch runs/tail_study/STOP`` ends every study
-    process at its next unit boundary, losing nothing) or the ``--deadline`` (``HH:MM``, local time) has passed."""
+    process at its next unit boundary, losing nothing) or the ``deadline`` (epoch seconds, from ``parse_deadline``)
+    has passed."""
     if (out / "STOP").exists():
         return f"{out / 'STOP'} exists"
-    if deadline and time.strftime("%H:%M") >= deadline:
-        return f"deadline {deadline} reached"
+    if deadline is not None and time.time() >= deadline:
+        return f"deadline {time.strftime('%H:%M', time.localtime(deadline))} reached"
     return None
-
 
 if __name__ == "__main__":
     main()
