@@ -27,8 +27,8 @@ from pathlib import Path
 from tail_study import ROOT, model_out, network_calls
 from tail_study_report import aggregate, collect, seed_noise
 
-CALLS_PER_STEP = {"ddpm": 1, "ddim": 1, "dpmpp_2m": 1}  # UNet evaluations per step (tests/test_steps_study.py counts)
-SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)"}
+CALLS_PER_STEP = {"ddpm": 1, "ddim": 1, "dpmpp_2m": 1, "dpmpp_2m_sde": 1}  # UNet evaluations per step (tests/test_steps_study.py counts)
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "dpmpp_2m_sde": "SDE-DPM-Solver++(2M)"}
 METRIC_NAMES = {"fid": "FID (domain)", "judge/fid": "FD (judge)", "recall": "recall (domain)",
                 "judge/recall": "recall (judge)", "tail/accuracy": "class accuracy"}
 DEFAULT = {

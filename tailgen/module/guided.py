@@ -38,7 +38,7 @@ from tailgen.utils.images import from_uint8, save_png, to_uint8
 
 NO_NETWORK = ("model.init_args.network is not set: sampling needs a diffusion network (preset / flags / "
               "checkpoint); to evaluate existing samples run `tailgen test` with --data.init_args.samples FILE.npz")
-SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"]
 
 
 def _image_size(spec: NetworkSpec) -> Optional[int]:
@@ -60,7 +60,8 @@ class GuidedDiffusion(L.LightningModule):
             (``models/experts.py``); every classifier-based guidance takes either.
         unconditional: a separate unconditional model for classifier-free guidance (e.g. 256x256_diffusion_uncond).
         diffusion: guided-diffusion diffusion flags overriding the network's (e.g. ``{timestep_respacing: "250"}``).
-        sampler: ``ddpm`` (ancestral, learned or fixed variance), ``ddim`` (``eta``) or ``dpmpp_2m``.
+        sampler: ``ddpm`` (ancestral, learned or fixed variance), ``ddim`` (``eta``), ``dpmpp_2m`` (ODE) or
+            ``dpmpp_2m_sde`` (stochastic, one call per step).
         eta: DDIM stochasticity (0 = deterministic).
         clip_denoised: clamp x0_hat to [-1, 1] at every step (guided-diffusion's default).
         guidances: named guidances, applied in the mapping's order; names make them addressable from the

@@ -14,17 +14,17 @@ import torch
 
 from tailgen.sampling.ddim import sample_ddim
 from tailgen.sampling.ddpm import sample_ddpm
-from tailgen.sampling.dpm_solver import sample_dpmpp_2m
+from tailgen.sampling.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from tailgen.sampling.run import SamplingRun
 from tailgen.utils.errors import ConfigError
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde}
 
 
 def sample(name: str, run: SamplingRun, x: torch.Tensor, process, labels: torch.Tensor | None = None,
            **options) -> torch.Tensor:
-    """Run the sampler called ``name`` (``ddpm``, ``ddim``, ``dpmpp_2m``); ``options`` as that sampler takes
-    (``eta`` for ddim, ``lower_order_final`` for dpmpp_2m)."""
+    """Run the sampler called ``name`` (``ddpm``, ``ddim``, ``dpmpp_2m``, ``dpmpp_2m_sde``); ``options`` as that
+    sampler takes (``eta`` for ddim, ``lower_order_final`` for the DPM-Solvers)."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
     if "eta" in options and name != "ddim":
@@ -34,4 +34,4 @@ def sample(name: str, run: SamplingRun, x: torch.Tensor, process, labels: torch.
     return SAMPLERS[name](run, x, process, labels, **options)
 
 
-__all__ = ["SAMPLERS", "SamplingRun", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m"]
+__all__ = ["SAMPLERS", "SamplingRun", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde"]
