@@ -23,7 +23,8 @@ REF = {"fid": 10.0, "judge/fid": 20.0, "recall": 0.6, "judge/recall": 0.5, "tail
 
 # z of FID / recall / class accuracy against DDPM-250 of the same panel (judge metrics: always 0). Known answers:
 # unguided: DDPM 100, DDIM 15 (10 fails FID), DPM-Solver++ 10; ADM-G: DDPM 50, DDIM none, DPM-Solver++ 15
-# (10 fails class accuracy at -2.5; 25 fails recall, irrelevant: the smallest match counts).
+# (10 fails class accuracy at -2.5; 25 fails recall, irrelevant: the smallest match counts); SDE-DPM-Solver++:
+# unguided 15 (10 fails FID at 2.5), ADM-G 10.
 Z = {
     "ddpm@50": (3.0, 0, 0), "ddpm@100": (1.9, -1.0, 0.5),
     "ddim@10": (4.0, 0, 0), "ddim@15": (1.5, 0, 0), "ddim@25": (0.2, 0, 0),
@@ -32,6 +33,8 @@ Z = {
     "ddim@10+adm_g@1": (9.0, 0, 0), "ddim@15+adm_g@1": (0, 2.5, 0), "ddim@25+adm_g@1": (0, 0, -3.0),
     "dpmpp_2m@10+adm_g@1": (0, 0, -2.5), "dpmpp_2m@15+adm_g@1": (0.5, 0.5, 0.5),
     "dpmpp_2m@25+adm_g@1": (0, 3.0, 0),
+    "dpmpp_2m_sde@10": (2.5, 0, 0), "dpmpp_2m_sde@15": (1.0, 0, 0), "dpmpp_2m_sde@25": (0, 0, 0),
+    "dpmpp_2m_sde@10+adm_g@1": (0, 0, 0), "dpmpp_2m_sde@15+adm_g@1": (0, 0, 0), "dpmpp_2m_sde@25+adm_g@1": (0, 0, 0),
 }
 
 
@@ -87,7 +90,8 @@ def test_the_answer_is_the_smallest_step_count_within_two_sigma_of_ddpm_250(tmp_
     rows, _, _, answers = _answers(plan, records)
     steps = {key: a["steps"] for key, a in answers.items()}
     assert steps == {("unguided", "ddpm"): 100, ("unguided", "ddim"): 15, ("unguided", "dpmpp_2m"): 10,
-                     ("ADM-G s=1", "ddpm"): 50, ("ADM-G s=1", "ddim"): None, ("ADM-G s=1", "dpmpp_2m"): 15}
+                     ("unguided", "dpmpp_2m_sde"): 15, ("ADM-G s=1", "ddpm"): 50, ("ADM-G s=1", "ddim"): None,
+                     ("ADM-G s=1", "dpmpp_2m"): 15, ("ADM-G s=1", "dpmpp_2m_sde"): 10}
     assert all(a["calls"] == a["steps"] for a in answers.values() if a["steps"])  # one UNet call per step
     assert not any(a["pending"] for a in answers.values())
     z = {r["run"]: r["z"] for r in rows}
@@ -119,7 +123,7 @@ def test_report_writes_answers_table_csv_and_plot(tmp_path):
     assert "sqrt(5000 / 2000)" in text and "adm_g_0/n5000_s*.json" in text
     with open(docs / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 18 and {r["sampler"] for r in rows} == {"ddpm", "ddim", "dpmpp_2m"}
+    assert len(rows) == 24 and {r["sampler"] for r in rows} == {"ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"}
     ddim10 = next(r for r in rows if r["run"] == "ddim@10")
     assert ddim10["unet_calls"] == "10" and float(ddim10["fid_z"]) == pytest.approx(4.0) and ddim10["match"] == "False"
     assert (docs / "quality_per_call.png").stat().st_size > 10_000
@@ -141,3 +145,18 @@ def test_unet_calls_per_sample_are_counted_not_assumed(sampler, steps):
     SAMPLERS[sampler](SamplingRun(denoiser), torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)),
                       process)
     assert len(calls) == ssr.unet_calls(sampler, steps) == ssr.CALLS_PER_STEP[sampler] * steps
+
+
+def test_speckle_screen_grids_skip_the_degenerate_first_step():
+    import speckle_screen as screen
+
+    sigma = screen.sigmas()
+    assert sigma[-1] > 1e4 and sigma[990] <= screen.SIGMA_MAX < sigma[991]  # cosine: abar(T-1) = 2.4e-9
+    uniform = screen.grid("uniform", 10, sigma)
+    assert len(uniform) == 10 and uniform[0] == 0 and uniform[-1] == 999
+    for name in ("uniform_sigma80", "karras_sigma80", "logsnr_sigma80"):
+        kept = screen.grid(name, 10, sigma)
+        # the sigma nearest 80 in log: t = 990 (71) or 991 (~87)
+        assert kept[0] == 0 and kept[-1] in (990, 991) and kept == sorted(set(kept)) and 8 <= len(kept) <= 10, (name, kept)
+    karras = screen.grid("karras_sigma80", 25, sigma)
+    assert screen.grid("logsnr_sigma80", 25, sigma) != karras != screen.grid("uniform_sigma80", 25, sigma)
