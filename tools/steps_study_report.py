@@ -1,7 +1,7 @@
 """Report of the steps study (issue 11, "Quality per network call"): ``python tools/tail_study.py report --plan
 configs/study/fashion_steps.yaml``.
 
-Per guidance panel (unguided; ADM-G s=1) and sampler (DDPM, DDIM eta=0, DPM-Solver++(2M)) and step count K, the
+Per guidance panel (unguided; ADM-G s=1) and sampler (DDPM, DDIM eta=0, DPM-Solver++(2M) and its SDE form) and step count K, the
 metrics of the finished units under ``records`` against the reference (``report.reference``: DDPM at 250 steps)
 of the same panel. With ``sigma_m`` the seed-set noise of metric m at the study's N samples,
 
@@ -10,8 +10,8 @@ of the same panel. With ``sigma_m`` the seed-set noise of metric m at the study'
 and the answer per (panel, sampler) is the smallest K whose row matches. The study has one seed set per unit, so
 sigma comes from the tail study's unguided headline row (``report.noise``: run adm_g@0, 5,000 samples x 3 seed
 sets): its seed-set std scaled by sqrt(5000 / N) (``tail_study_report.seed_noise``). The x axis counts UNet calls
-per sample: one per step for all three samplers (DPM-Solver++(2M) reuses the previous step's x0_hat instead of a
-second call); ADM-G adds one classifier forward + backward per step, not counted there.
+per sample: one per step for every sampler (the DPM-Solvers reuse the previous step's x0_hat instead of a second
+call); ADM-G adds one classifier forward + backward per step, not counted there.
 
 Writes to ``docs``: ``results.md`` (sigma and its source, the answers, the table), ``results.csv`` (one row per
 run: metrics, z, match) and ``quality_per_call.png`` (metrics vs UNet calls, log x; the reference +- tolerance
@@ -152,8 +152,8 @@ def write_tables(rows: list[dict], answers: dict, sigma: dict, noise_units: list
         "judge network's; class accuracy by the clean classifier)."), "",
         (f"Reference: {ref_name} in each panel. A row **matches** when each of {', '.join(cfg['match'])} lies within "
         f"{tol:g} sigma of the reference: |z| <= {tol:g}, z = (x - x_ref) / sigma. The answer per panel and sampler "
-        "is the smallest step count that matches. x axis: UNet calls per sample (one per step for DDPM, DDIM and "
-        "DPM-Solver++(2M)); ADM-G adds one classifier forward + backward per step."), "",
+        "is the smallest step count that matches. x axis: UNet calls per sample (one per step for "
+        f"{', '.join(SAMPLER_NAMES.values())}); ADM-G adds one classifier forward + backward per step."), "",
         (f"sigma (seed-set noise at {n:,} samples): the tail study's unguided headline row `{spec['run']}` "
         f"({spec['num_samples']:,} samples x seed sets {seeds or 'none found'}, DDPM {noise_steps} steps; "
         f"`{spec['records']}/model_{sha[:10]}/{noise_dir}/n{spec['num_samples']}_s*.json`): the std over its seed "
