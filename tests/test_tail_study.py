@@ -199,7 +199,7 @@ STEPS_PLAN = str(ROOT / "configs/study/fashion_steps.yaml")
 def test_steps_plan_expands_samplers_and_step_counts_alone_and_on_adm_g():
     plan = tail_study.load_plan(STEPS_PLAN)
     runs = plan["_runs"]
-    counts = {"ddpm": [50, 100, 250], "ddim": [10, 15, 25], "dpmpp_2m": [10, 15, 25]}
+    counts = {"ddpm": [50, 100, 250], "ddim": [10, 15, 25], "dpmpp_2m": [10, 15, 25], "dpmpp_2m_sde": [10, 15, 25]}
     assert sorted(runs) == sorted(f"{s}@{k}{g}" for s, ks in counts.items() for k in ks for g in ("", "+adm_g@1"))
     assert all(r["method"] != "adm_g" for r in runs.values())  # the curve method only lends its guidance
     for name, run in runs.items():
