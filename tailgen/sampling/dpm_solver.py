@@ -9,6 +9,16 @@ import torch
 from tailgen.sampling.run import SamplingRun
 
 
+def _step(process, i: int, x0, x0_prev, h_prev, second_order: bool):
+    """What both DPM-Solvers need for the step i -> i-1: h = lambda_{i-1} - lambda_i, sigma_i, sigma_{i-1},
+    alpha_{i-1} (float64 -> Python floats) and the multistep data estimate D = x0_i + (x0_i - x0_{i+1}) / (2r),
+    r = h_prev / h (D = x0_i without history or when ``second_order`` is False)."""
+    h = process.lambda_(i - 1) - process.lambda_(i)
+    D = x0 if x0_prev is None or not second_order else x0 + (h / h_prev / 2) * (x0 - x0_prev)
+    sigma, sigma_next = (float(process.sqrt_one_minus_alphas_cumprod[j]) for j in (i, i - 1))
+    return h, sigma, sigma_next, float(process.sqrt_alphas_cumprod[i - 1]), D
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(run: SamplingRun, x: torch.Tensor, process, labels: torch.Tensor | None = None, *,
                     lower_order_final: bool = True) -> torch.Tensor:
@@ -37,14 +47,9 @@ def sample_dpmpp_2m(run: SamplingRun, x: torch.Tensor, process, labels: torch.Te
             x = pred.x0
         else:
             # Step size in lambda and the multistep (2nd-order) data estimate D
-            h = process.lambda_(i - 1) - process.lambda_(i)
-            D = pred.x0
-            if x0_prev is not None and not (lower_order_final and i == 1):
-                r = h_prev / h
-                D = (1 + 1 / (2 * r)) * pred.x0 - (1 / (2 * r)) * x0_prev
+            h, sig, sig_next, alpha_next, D = _step(process, i, pred.x0, x0_prev, h_prev,
+                                                    second_order=not (lower_order_final and i == 1))
             # Exponential-integrator update (DPM-Solver++ Eq. 9 with D in place of x0_hat)
-            sig, sig_next = float(process.sqrt_one_minus_alphas_cumprod[i]), float(process.sqrt_one_minus_alphas_cumprod[i - 1])
-            alpha_next = float(process.sqrt_alphas_cumprod[i - 1])
             x = (sig_next / sig) * pred.x - (alpha_next * math.expm1(-h)) * D
             x0_prev, h_prev = pred.x0, h
         # H5, non-finite check, callback
@@ -81,14 +86,10 @@ def sample_dpmpp_2m_sde(run: SamplingRun, x: torch.Tensor, process, labels: torc
             # Final step to clean data: x_{-1} = x0_hat
             x = pred.x0
         else:
-            # Step size in lambda and the 2nd-order correction D1 (zero on first-order steps)
-            h = process.lambda_(i - 1) - process.lambda_(i)
-            D = pred.x0
-            if x0_prev is not None and not (lower_order_final and i == 1):
-                D = pred.x0 + (h / h_prev / 2) * (pred.x0 - x0_prev)
+            # Step size in lambda and the data estimate D = x0_i + D1 / 2 (D1 = 0 on first-order steps)
+            h, sig, sig_next, alpha_next, D = _step(process, i, pred.x0, x0_prev, h_prev,
+                                                    second_order=not (lower_order_final and i == 1))
             # Posterior-form update: decay of x_i, data term, fresh noise
-            sig, sig_next = float(process.sqrt_one_minus_alphas_cumprod[i]), float(process.sqrt_one_minus_alphas_cumprod[i - 1])
-            alpha_next = float(process.sqrt_alphas_cumprod[i - 1])
             x = ((sig_next / sig) * math.exp(-h)) * pred.x + (alpha_next * -math.expm1(-2 * h)) * D \
                 + (sig_next * math.sqrt(-math.expm1(-2 * h))) * z
             x0_prev, h_prev = pred.x0, h
