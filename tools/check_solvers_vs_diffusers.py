@@ -24,16 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tailgen.diffusion import DiffusionProcess  # noqa: E402
 from tailgen.sampling import SamplingRun, sample_dpmpp_2m, sample_dpmpp_2m_sde  # noqa: E402
+from test_sampling_sde import FixedNoise  # noqa: E402
 from test_sampling_solver import gaussian_denoiser, x0_hat  # noqa: E402
-
-
-class FixedNoise:
-    def __init__(self, draws):
-        self.draws, self.k = draws, 0
-
-    def step(self, like):
-        self.k += 1
-        return self.draws[self.k - 1]
 
 
 def compare(K: int, algorithm: str) -> float:
@@ -41,11 +33,10 @@ def compare(K: int, algorithm: str) -> float:
 
     sampler = sample_dpmpp_2m_sde if algorithm == "sde-dpmsolver++" else sample_dpmpp_2m
     process = DiffusionProcess.from_flags(noise_schedule="cosine", timestep_respacing=str(K))
-    g = torch.Generator().manual_seed(5)
-    x_T = torch.randn(16, 64, dtype=torch.float64, generator=g)
-    draws = [torch.randn(16, 64, dtype=torch.float64, generator=g) for _ in range(K)]
-    ours = sampler(SamplingRun(gaussian_denoiser(process), clip_denoised=False, noise=FixedNoise(draws)), x_T.clone(),
-                   process, lower_order_final=False)
+    x_T = torch.randn(16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    noise = FixedNoise(x_T.shape, K, seed=6)
+    ours = sampler(SamplingRun(gaussian_denoiser(process), clip_denoised=False, noise=noise), x_T.clone(), process,
+                   lower_order_final=False)
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                                             algorithm_type=algorithm, solver_order=2, solver_type="midpoint",
                                             lower_order_final=True, final_sigmas_type="zero", prediction_type="epsilon")
@@ -54,7 +45,7 @@ def compare(K: int, algorithm: str) -> float:
     for k, t in enumerate(scheduler.timesteps):
         abar = float(scheduler.alphas_cumprod[int(t)])
         eps = (x - math.sqrt(abar) * x0_hat(x, abar)) / math.sqrt(1 - abar)
-        x = scheduler.step(eps, t, x, variance_noise=draws[k] if "sde" in algorithm else None).prev_sample
+        x = scheduler.step(eps, t, x, variance_noise=noise.draws[k] if "sde" in algorithm else None).prev_sample
     return (ours - x).abs().max().item()
 
 

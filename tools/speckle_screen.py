@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tailgen.data.fashion_mnist import load_fashion_mnist
-from tailgen.diffusion.schedules import get_named_beta_schedule
+from tailgen.diffusion.schedules import get_named_beta_schedule, space_timesteps
 from tailgen.models.spec import NetworkSpec
 from tailgen.module.guided import GuidedDiffusion
 
@@ -54,9 +54,8 @@ def nearest_timesteps(targets: np.ndarray, sigma: np.ndarray) -> list[int]:
 
 def grid(name: str, K: int, sigma: np.ndarray) -> list[int]:
     """Kept timesteps of a named grid with K steps (see the module docstring)."""
-    last = len(sigma) - 1
-    if name == "uniform":  # ADM's "K" respacing (its rounding aside)
-        return sorted({int(round(t)) for t in np.linspace(0, last, K)})
+    if name == "uniform":  # ADM's "K" respacing
+        return space_timesteps(len(sigma), str(K))
     t_cap = int(np.nonzero(sigma <= SIGMA_MAX)[0].max())
     if name == "uniform_sigma80":
         return sorted({int(round(t)) for t in np.linspace(0, t_cap, K)})
@@ -135,6 +134,7 @@ def write_markdown(result: dict, out: Path) -> str:
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
     return text
+
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """Report of the steps study (issue 11, "Quality per network call"): ``python tools/tail_study.py report --plan
 configs/study/fashion_steps.yaml``.
 
-Per guidance panel (unguided; ADM-G s=1) and sampler (DDPM, DDIM eta=0, DPM-Solver++(2M) and its SDE form) and step count K, the
-metrics of the finished units under ``records`` against the reference (``report.reference``: DDPM at 250 steps)
+Per guidance panel (unguided; ADM-G s=1), sampler (DDPM, DDIM eta=0, DPM-Solver++(2M) and its SDE form) and step
+count K, the metrics of the finished units under ``records`` against the reference (``report.reference``: DDPM at 250 steps)
 of the same panel. With ``sigma_m`` the seed-set noise of metric m at the study's N samples,
 
     z_m = (x_m - x_m,ref) / sigma_m,     a row matches  <=>  |z_m| <= tolerance (2)  for every m in report.match,
