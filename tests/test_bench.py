@@ -4,21 +4,30 @@ is not part of the project)."""
 
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("TAILGEN_REFERENCE", "/nonexistent"))
 
 
-@pytest.fixture(scope="module")
-def bench():
+def load_bench():
     spec = importlib.util.spec_from_file_location("bench", ROOT / "tools/bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+BENCH = load_bench()
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return BENCH
 
 
 def test_paired_ratios_are_per_repeat(bench):
@@ -65,35 +74,54 @@ def test_settings_and_flags(bench):
 
 
 def row(case, guided, preset, reference, tailgen, bare, network=None):
+    """A bench row from per-repeat times, its ratios computed by the bench's own paired()."""
     network = network or [t / 1.01 for t in tailgen]
     return {"case": case, "guided": guided, "preset": preset, "batch": 2, "steps": 4, "same_runs_as": [],
             "median_per_image_s": {"tailgen": tailgen[0], "reference": reference[0], "bare": bare[0]},
-            "first_call_s": {"tailgen": 1.0}, "speedup_vs_reference": ratio_of_first(reference, tailgen),
-            "overhead_vs_bare": ratio_of_first(tailgen, bare), "overhead_in_run": ratio_of_first(tailgen, network),
+            "first_call_s": {"tailgen": 1.0}, "speedup_vs_reference": BENCH.paired(reference, tailgen),
+            "overhead_vs_bare": BENCH.paired(tailgen, bare),
+            "overhead_in_run": BENCH.paired(tailgen, network),
             "best_of": {"speedup": min(reference) / min(tailgen), "overhead": min(tailgen) / min(bare)}}
 
 
-def ratio_of_first(a, b):  # a paired() of one repeat
-    return {"median": a[0] / b[0], "min": a[0] / b[0], "max": a[0] / b[0]}
+def test_median_interval_is_the_sign_test_interval(bench):
+    # n = 15: P(Bin(15, 1/2) <= 3) = 0.0176 <= 0.025 < P(<= 4) = 0.0592, so ranks 4 and 12, coverage 1 - 2 * 0.0176
+    values = [float(v) for v in range(15, 0, -1)]
+    low, high, coverage = bench.median_interval(values)
+    assert (low, high) == (4.0, 12.0) and coverage == pytest.approx(1 - 2 * 576 / 2 ** 15)
+    assert bench.median_interval(values[:6])[:2] == (10.0, 15.0)  # n = 6: P(<= 0) = 1/64 <= 0.025, the extremes
+    assert bench.median_interval(values[:5]) is None  # n = 5: 1/32 > 0.025, no 95 % interval exists
+    # its coverage, checked by simulation: intervals of 25 draws of an exponential contain the true median ln 2
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.empty(4000, 25).exponential_(generator=gen).tolist()
+    hits = sum(low <= math.log(2) <= high for low, high, _ in map(bench.median_interval, draws))
+    assert abs(hits / 4000 - bench.median_interval(draws[0])[2]) < 0.015  # exact coverage 0.957; MC std 0.003
 
 
 def test_targets_and_table(bench):
-    rows = [row("adm64", True, "default", [8.0], [5.0], [4.9]), row("adm64", True, "fp32", [8.0], [7.5], [7.4]),
-            row("fashion", False, "fp32", [1.0], [1.0], [0.9])]
+    fast, slow_fp32 = [8.0, 8.4, 7.6, 8.2, 7.8, 8.0], [7.5, 7.4, 7.6, 7.5, 7.3, 7.7]
+    rows = [row("adm64", True, "default", fast, [5.0] * 6, [4.9] * 6),
+            row("adm64", True, "fp32", fast, slow_fp32, [7.4] * 6), row("fashion", False, "fp32", [1.0], [1.0], [0.9])]
     lines = bench.targets(rows)
-    assert lines[0].startswith("- guided 64x64 speed-up [default] 1.60x") and lines[0].endswith(": met")
-    assert lines[1].startswith("- guided 64x64 speed-up [fp32] 1.07x") and lines[1].endswith("NOT met")
+    assert lines[0].startswith("- guided 64x64 speed-up [default] median 1.60x (95 % interval 1.52-1.68")
+    assert lines[0].endswith(": met")
+    assert lines[1].startswith("- guided 64x64 speed-up [fp32] median 1.07x") and lines[1].endswith("NOT met")
     assert "in-run, worst row" in lines[2] and "1.0100" in lines[2] and lines[2].endswith(": met")
     assert "tailgen/bare loop, worst row median 1.111" in lines[3]  # the separate-run cross-check, reported only
     slow = row("fashion", True, "fp32", [1.0], [1.0], [1.0], network=[0.95])
     assert "(fashion, guided=True, fp32) 1.0526" in bench.targets(rows + [slow])[2]
     assert bench.targets(rows + [slow])[2].endswith("NOT met")
-    # met only when the best-of ratio agrees: a noisy fastest run must not pass a target the medians miss, or back
-    noisy = row("adm64", True, "default", [8.0], [5.0], [4.9]) | {"best_of": {"speedup": 1.4, "overhead": 1.0}}
-    assert bench.targets([noisy])[0].endswith("(best-of 1.40x), target >= 1.5x: NOT met")
+    # the median alone is not enough: scattered repeats whose interval reaches below the target do not pass it
+    scattered = row("adm64", True, "default", [8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0], [4.0, 4.5, 5.0, 5.1, 5.2, 6.0, 7.0],
+                    [4.9] * 7)
+    assert "median 1.57x (95 % interval 1.14-2.00; best-of 2.00x, not judged)" in bench.targets([scattered])[0]
+    assert bench.targets([scattered])[0].endswith("NOT met")
+    few = row("adm64", True, "default", [8.0] * 5, [4.0] * 5, [4.0] * 5)  # 2x in every repeat, but only 5 of them
+    assert "no 95 % interval under 6 repeats" in bench.targets([few])[0] and bench.targets([few])[0].endswith("NOT met")
     assert bench.best_of([5.0, 4.0], [9.0, 8.0], [4.4, 4.0]) == {"speedup": 2.0, "overhead": 1.0}
     table = bench.markdown(rows, {"default": {"autocast": "auto"}, "fp32": {"autocast": None}}, "header")
-    assert "| adm64 | yes | default | 2 | 4 | 5.0000 | 8.0000 | 1.60x (1.60-1.60) | 1.020 (1.020-1.020) |" in table
+    assert "| adm64 | yes | default | 2 | 4 | 5.0000 | 8.0000 | 1.60x (1.52-1.68) | 1.52-1.68 | 1.020 (1.020-1.020) |" in table
+    assert "| fashion | no | fp32 | 2 | 4 | 1.0000 | 1.0000 | 1.00x (1.00-1.00) | - |" in table
     assert "| 1.0100 (1.0100-1.0100) | 1.0 |" in table
 
 
