@@ -54,6 +54,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from tailgen.diffusion.noise import SeededNoise
 from tailgen.guidance import ClassifierGuidance
@@ -268,7 +269,7 @@ def bench_case(case: str, guided: bool, batch: int, steps: int, presets: dict[st
     for g, module in modules.items():  # from now on tailgen's runs time their own network calls (bare's are unwrapped)
         module._fast = {key: clocks[g].wrap(call) for key, call in module._fast.items()}
     times, network = {name: [] for name in runs}, {g: [] for g in groups}
-    for repeat in range(args.repeats):
+    for repeat in tqdm(range(args.repeats), desc=f"bench {case} guided={guided}", unit="repeat", file=sys.stderr):
         for name in run_order(list(runs), repeat):
             group = name.removeprefix("tailgen[").removesuffix("]") if name.startswith("tailgen[") else None
             if group is None:
