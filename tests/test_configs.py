@@ -107,6 +107,11 @@ def test_includes_are_relative_to_the_file_and_dotted_keys_merge(tmp_path, capsy
     model = cfg["model"]["init_args"]
     assert model["sampler"] == "ddim" and model["guidances"]["cg"]["init_args"]["scale"] == 3.0
     assert model["network"]["init_args"]["preset"] == "fashion_diffusion"  # kept from base.yaml
+    # a dotted key into a network spec (a class) goes through its init_args, and keeps the preset
+    overlay.write_text(f"config: {os.path.relpath(ROOT / 'fashion/adm_g.yaml', overlay.parent)}\n"
+                       "model.init_args.network.init_args.checkpoint: other.pt\n")
+    network = resolved(capsys, "predict", "--config", str(overlay))["model"]["init_args"]["network"]["init_args"]
+    assert (network["preset"], network["checkpoint"]) == ("fashion_diffusion", "other.pt")
     # A nested block after `config:` in the same file replaces the section (documented; why overlays use dots)
     overlay.write_text(f"config: {os.path.relpath(ROOT / 'fashion/adm_g.yaml', overlay.parent)}\n"
                        "model:\n  class_path: tailgen.module.guided.GuidedDiffusion\n  init_args: {sampler: ddim}\n")
