@@ -286,7 +286,7 @@ def test_a_tail_unit_runs_and_records_as_before(tmp_path, monkeypatch):
     assert record["steps"] == 25
 
 
-def test_plan_paths_default_to_the_tail_study_and_flags_win():
+def test_plan_paths_default_to_the_tail_study_and_flags_win(monkeypatch, tmp_path):
     tail = tail_study.load_plan(str(ROOT / "configs/study/fashion_tail.yaml"))
     steps = tail_study.load_plan(STEPS_PLAN)
     assert tail_study.paths(tail) == {k: str(ROOT / v) for k, v in tail_study.DEFAULT_PATHS.items()}
@@ -294,6 +294,10 @@ def test_plan_paths_default_to_the_tail_study_and_flags_win():
                                        "records": str(ROOT / "docs/steps_study/units"),
                                        "docs": str(ROOT / "docs/steps_study")}
     assert tail_study.paths(steps, records="/x")["records"] == "/x"
+    # a relative flag is made absolute against the current directory: the units' commands run from the repository
+    # root, and `tailgen test` would put a relative metrics path under its logger's folder
+    monkeypatch.chdir(tmp_path)
+    assert tail_study.paths(steps, out="scratch")["out"] == str(tmp_path.resolve() / "scratch")
 
 
 def test_bad_steps_values_fail_with_one_line():

@@ -236,10 +236,13 @@ def _run_claimed(plan, name, run, n, seed, folder, predict, test, text, record: 
 
 
 def paths(plan: dict, out: str | None = None, records: str | None = None, docs: str | None = None) -> dict[str, str]:
-    """``{"out", "records", "docs"}``: the flag, else the plan's ``paths`` entry (relative to the repository), else
-    the tail study's default."""
+    """``{"out", "records", "docs"}`` as absolute paths: the flag (relative to the current directory), else the plan's
+    ``paths`` entry (relative to the repository), else the tail study's default. Absolute, because the units'
+    ``tailgen`` commands run from the repository root, and ``tailgen test`` puts a relative metrics path under its
+    logger's folder."""
     given = {"out": out, "records": records, "docs": docs}
-    return {k: given[k] or str(ROOT / plan.get("paths", {}).get(k, default)) for k, default in DEFAULT_PATHS.items()}
+    return {k: str(Path(given[k]).resolve()) if given[k] else str(ROOT / plan.get("paths", {}).get(k, default))
+            for k, default in DEFAULT_PATHS.items()}
 
 
 def load_plan(path: str) -> dict:
