@@ -114,16 +114,11 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     Practical Nonparametric Statistics, 3.2). Returns (low, high, exact coverage), or None when n is too small for
     any interval at that level (n < 6 at 95 %)."""
     n, values = len(values), sorted(values)
-    tail, k = 0.0, 0
-    while True:  # tail = P(Binomial(n, 1/2) <= k)
-        tail += math.comb(n, k) / 2 ** n
-        if tail > (1 - level) / 2:
-            break
+    k, below = 0, 0.0  # below = P(Binomial(n, 1/2) <= k - 1)
+    while below + math.comb(n, k) / 2 ** n <= (1 - level) / 2:
+        below += math.comb(n, k) / 2 ** n
         k += 1
-    if k == 0:
-        return None
-    coverage = 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
-    return values[k - 1], values[n - k], coverage
+    return (values[k - 1], values[n - k], 1 - 2 * below) if k else None
 
 
 def paired(numerators: list[float], denominators: list[float]) -> dict:
@@ -313,7 +308,8 @@ def markdown(rows: list[dict], presets: dict[str, dict], header: str) -> str:
         lines.append(f"- {name}: " + " ".join(f"{k}={v}" for k, v in options.items())
                      + (f" (same runs as {', '.join(shared)})" if shared else ""))
     lines += ["", "| case | guided | preset | batch | steps | tailgen s/img | guided-diffusion s/img | "
-              "speed-up (median, min-max) | speed-up median's 95 % interval | tailgen/bare (median, min-max) | best-of speed-up | best-of tailgen/bare | "
+              "speed-up (median, min-max) | speed-up median's 95 % interval | tailgen/bare (median, min-max) | "
+              "best-of speed-up | best-of tailgen/bare | "
               "tailgen/networks in-run (median, min-max) | first call s (tailgen) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
