@@ -6,8 +6,9 @@
     python tools/compare_base_models.py
 """
 import json
-import statistics
 from pathlib import Path
+
+from tail_study_report import aggregate, collect
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "docs/tail_study/base_model"
@@ -16,23 +17,23 @@ KEYS = ["fid", "judge/fid", "precision", "recall", "coverage", "judge/precision"
         "tail/accuracy", "rarity", "judge/rarity"]
 
 
-def metrics(model: str) -> list[dict]:
-    files = sorted((UNITS / model / "adm_g_0").glob("n2000_s*.json"))
+def unguided(model: str) -> dict:
+    """The model's unguided row at 2,000 samples (mean, std over its seed sets) from the tail study's aggregate."""
+    units = collect(UNITS / model)
     if model == SHIPPED:  # its seed set 0 is the tail study's grid unit
-        files.insert(0, ROOT / "docs/tail_study/units" / model / "adm_g_0/n2000_s0.json")
-    return [json.loads(f.read_text())["metrics"] for f in files]
+        units.append(json.loads((ROOT / "docs/tail_study/units" / model / "adm_g_0/n2000_s0.json").read_text()))
+    return aggregate(units)[("adm_g@0", 2000)]
 
 
 def main() -> None:
-    old, new = metrics(SHIPPED), metrics(CONTINUED)
-    print(f"seed sets: shipped {len(old)}, continued {len(new)}")
+    old, new = unguided(SHIPPED), unguided(CONTINUED)
+    print(f"seed sets: shipped {old['seeds']}, continued {new['seeds']}")
     print(f"{'metric':16s} {'shipped':>16s} {'continued':>16s} {'diff':>8s} {'z':>6s}")
     for key in KEYS:
-        a, b = [m[key] for m in old], [m[key] for m in new]
-        sigma = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-        diff = statistics.mean(b) - statistics.mean(a)
-        print(f"{key:16s} {statistics.mean(a):8.4f}±{statistics.stdev(a):.4f} {statistics.mean(b):8.4f}±"
-              f"{statistics.stdev(b):.4f} {diff:+8.4f} {diff / sigma:+6.1f}")
+        sigma = (old["std"][key] ** 2 / len(old["seeds"]) + new["std"][key] ** 2 / len(new["seeds"])) ** 0.5
+        diff = new["mean"][key] - old["mean"][key]
+        print(f"{key:16s} {old['mean'][key]:8.4f}±{old['std'][key]:.4f} {new['mean'][key]:8.4f}±"
+              f"{new['std'][key]:.4f} {diff:+8.4f} {diff / sigma:+6.1f}")
 
 
 if __name__ == "__main__":
