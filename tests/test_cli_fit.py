@@ -16,7 +16,7 @@ from cli_processes import REPO, run_all, tailgen_env
 from test_data_fashion import _tiny_folder
 
 CONFIGS = REPO / "configs" / "fashion"
-SHIPPED = REPO / "tailgen" / "weights" / "fashion_diffusion.pt"
+SHIPPED = REPO / "tailgen" / "weights" / "fashion_diffusion_5epoch.pt"  # the init_from of train_diffusion_continue
 TINY = ["--data.init_args.batch_size=4", "--data.init_args.val_size=4", "--trainer.limit_val_batches=1"]
 
 

@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,14 @@ def test_sweep_parameters_are_cli_flags(path, capsys):
 
 def test_fashion_tail_is_the_tail_study_pick():
     """configs/fashion/tail.yaml is the guidance stack the tail study's PROTOCOL.md rule picked (docs/tail_study/
-    selection.json, written by `python tools/tail_study.py report`): same guidances, classes and knob values."""
-    selection = json.loads((ROOT.parent / "docs/tail_study/selection.json").read_text())
+    model_<sha>/selection.json, written by `python tools/tail_study.py report`): same guidances, classes and knob
+    values. The final model's pick once it has one; until then the screening model's (PROTOCOL.md, session 9)."""
+    sys.path.insert(0, str(ROOT.parent / "tools"))
+    import tail_study
+
+    picks = [json.loads((tail_study.study_folders(str(ROOT / "study" / plan))["docs"] / "selection.json").read_text())
+             for plan in ("fashion_tail.yaml", "fashion_tail_5epoch.yaml")]
+    selection = next((s for s in picks if "tail" in s), {})
     assert "tail" in selection, "the study has picked no tail configuration yet"
     resolved = resolved_with_eval(ROOT / "fashion/tail.yaml")["model"]["init_args"]["guidances"]
     picked = selection["tail"]["guidances"]

@@ -83,25 +83,56 @@ def test_rarest_on_manifold_picks_rare_samples_inside_the_real_manifold():
     assert picked_labels.tolist() == [0, 0, 1]
 
 
-def test_readme_table_is_the_report_of_the_committed_records():
-    """README's tail-study table is generated from docs/tail_study/units (`python tools/tail_study.py report`);
-    a record added or changed without rerunning the report fails here."""
+STUDY_PLANS = ["configs/study/fashion_tail.yaml", "configs/study/fashion_tail_5epoch.yaml"]  # final, screening model
+
+
+def test_readme_tables_are_the_reports_of_the_committed_records():
+    """README has one tail-study table per model, each generated from that model's records (`python
+    tools/tail_study.py report --plan PLAN`); a record added or changed without rerunning the report fails here, and
+    so does a model with records but no plan that reports it."""
     from tail_study_report import readme_block, study_table
 
-    plan = tail_study.load_plan(str(ROOT / "configs/study/fashion_tail.yaml"))
-    records = sorted((ROOT / "docs/tail_study/units").glob("model_*"))
-    assert records, "no study records committed"
-    block = readme_block(*study_table(plan, max(records, key=lambda p: len(list(p.glob("*/*.json"))))))
-    assert block in (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    reported = set()
+    for plan_path in STUDY_PLANS:
+        records = tail_study.study_folders(str(ROOT / plan_path))["records"]
+        assert records.parent == ROOT / "docs/tail_study/units", plan_path
+        plan = tail_study.load_plan(str(ROOT / plan_path))
+        assert readme_block(*study_table(plan, records), records.name) in readme, plan_path
+        reported.add(records.name)
+    assert {p.name for p in (ROOT / "docs/tail_study/units").glob("model_*")} == reported
+
+
+def test_a_plan_extends_another_key_by_key(tmp_path):
+    (tmp_path / "a.yaml").write_text("setting: {base: a.yaml, steps: 25, grid: {num_samples: 2}}\nheadline: [x, y]\n"
+                                     "methods: {}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/b.yaml").write_text("extends: ../a.yaml\nsetting: {base: b.yaml, grid: {seeds: [0]}}\n"
+                                         "headline: [z]\n")
+    plan = tail_study.read_plan(tmp_path / "sub/b.yaml")
+    assert plan["setting"] == {"base": "b.yaml", "steps": 25, "grid": {"num_samples": 2, "seeds": [0]}}
+    assert plan["headline"] == ["z"] and "extends" not in plan  # lists replace; mappings merge
+
+
+def test_the_screening_plan_is_the_tail_plan_on_the_5epoch_model():
+    final, screening = (tail_study.load_plan(str(ROOT / p)) for p in STUDY_PLANS)
+    assert screening["_runs"] == final["_runs"] and screening["methods"] == final["methods"]
+    assert screening["setting"]["base"] == "configs/study/base_5epoch.yaml"
+    assert {k: v for k, v in screening["setting"].items() if k != "base"} == \
+        {k: v for k, v in final["setting"].items() if k != "base"}
 
 
 def test_update_readme_replaces_only_the_generated_block(tmp_path):
-    from tail_study_report import README_BEGIN, README_END, update_readme
+    from tail_study_report import readme_markers, update_readme
 
+    begin, end = readme_markers("model_x")
+    other = "\n".join(readme_markers("model_y"))
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\noutro\n")
-    update_readme(readme, f"{README_BEGIN}\nnew\n{README_END}")
-    assert readme.read_text() == f"intro\n{README_BEGIN}\nnew\n{README_END}\noutro\n"
+    readme.write_text(f"intro\n{begin}\nold\n{end}\n{other}\noutro\n")
+    update_readme(readme, f"{begin}\nnew\n{end}", "model_x")
+    assert readme.read_text() == f"intro\n{begin}\nnew\n{end}\n{other}\noutro\n"
+    with pytest.raises(SystemExit, match="no table for model_z"):
+        update_readme(readme, "x", "model_z")
 
 
 def test_study_processes_stop_at_a_unit_boundary_when_asked(tmp_path):

@@ -4,11 +4,12 @@
                                       [--stage grid|headline] [--only RUN ...] [--wandb] [--dry-run]
                                       [--deadline HH:MM]        # or `touch runs/tail_study/STOP`
     python tools/tail_study.py list   [--plan ...]                      # the expanded runs and their flags
-    python tools/tail_study.py report [--docs docs/tail_study]   # tables, verdicts, plots, README's table
+    python tools/tail_study.py report [--docs docs/tail_study]   # <docs>/model_<sha>/: tables, verdicts, plots; README's table
 
 The same runner serves other plans (``--plan configs/study/fashion_steps.yaml``: quality per network call, issue
 11). A plan may name its own ``paths`` (out / records / docs, relative to the repository; flags override), its
-``report.module`` (a module in ``tools/`` with ``report(plan, records, docs)``), ``order: cost`` (grid units by
+``report.module`` (a module in ``tools/`` with ``report(plan, records, docs)``), ``extends`` (another plan, relative to
+this one's folder, that this one overrides key by key: e.g. the same study on another base model), ``order: cost`` (grid units by
 network calls, unguided first), ``first`` (runs the grid starts with) and ``setting.wandb_project``; ``setting.steps``
 is then optional. A method may carry ``steps`` (its runs' respacing instead of ``setting.steps``), ``knob: steps``
 (its ``values`` are step counts; its guidances, if any, stay as written) and ``model`` arguments such as
@@ -157,6 +158,13 @@ def model_digest(plan: dict) -> dict:
     return {"network": network, "weights_sha256": file_digest(path) if path else None}
 
 
+def study_folders(plan_path: str) -> dict[str, Path]:
+    """``{"out", "records", "docs"}`` of a plan's model: its default paths, each under ``model_<sha256[:10]>``."""
+    plan = load_plan(plan_path)
+    model = model_digest(plan)
+    return {key: model_out(Path(path), model) for key, path in paths(plan).items()}
+
+
 def record_path(records: Path, run: str, n: int, seed: int) -> Path:
     """``<records>/<run>/n<N>_s<seed>.json``; ``records`` already names the model (see :func:`model_out`)."""
     return unit_dir(records, run, n, seed).with_suffix(".json")
@@ -245,8 +253,23 @@ def paths(plan: dict, out: str | None = None, records: str | None = None, docs: 
             for k, default in DEFAULT_PATHS.items()}
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists included) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_plan(path: Path) -> dict:
+    """The plan at ``path``; ``extends: OTHER.yaml`` (relative to the plan's folder) puts it on top of that plan."""
+    plan = yaml.safe_load(path.read_text()) or {}
+    parent = plan.pop("extends", None)
+    return _merged(read_plan(path.parent / parent), plan) if parent else plan
+
+
 def load_plan(path: str) -> dict:
-    plan = yaml.safe_load(Path(path).read_text())
+    plan = read_plan(Path(path))
     plan["_runs"] = expand(plan)
     return plan
 
@@ -319,7 +342,8 @@ def main(argv=None) -> None:
         if module == "tail_study_report":
             from tail_study_report import report
 
-            report(plan, records, Path(args.docs), model_out(Path(args.out), plan["_model"]), ROOT / "README.md")
+            report(plan, records, model_out(Path(args.docs), plan["_model"]), model_out(Path(args.out), plan["_model"]),
+                   ROOT / "README.md")
         else:
             importlib.import_module(module).report(plan, records, Path(args.docs))
         return
