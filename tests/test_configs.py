@@ -135,21 +135,40 @@ def test_sweep_parameters_are_cli_flags(path, capsys):
         assert node == spec["values"][-1], key
 
 
-def test_fashion_tail_is_the_tail_study_pick():
-    """configs/fashion/tail.yaml is the guidance stack the tail study's PROTOCOL.md rule picked (docs/tail_study/
-    model_<sha>/selection.json, written by `python tools/tail_study.py report`): same guidances, classes and knob
-    values. The final model's pick once it has one; until then the screening model's (PROTOCOL.md, session 9)."""
+@functools.cache
+def _study_selections() -> tuple[dict, ...]:
+    """The tail study's selection.json of the final model, then of the screening model (docs/tail_study/model_<sha>/,
+    written by `python tools/tail_study.py report`)."""
     sys.path.insert(0, str(ROOT.parent / "tools"))
     import tail_study
 
-    picks = [json.loads((tail_study.study_folders(str(ROOT / "study" / plan))["docs"] / "selection.json").read_text())
-             for plan in ("fashion_tail.yaml", "fashion_tail_5epoch.yaml")]
-    selection = next((s for s in picks if "tail" in s), {})
-    assert "tail" in selection, "the study has picked no tail configuration yet"
-    resolved = resolved_with_eval(ROOT / "fashion/tail.yaml")["model"]["init_args"]["guidances"]
-    picked = selection["tail"]["guidances"]
+    return tuple(json.loads((tail_study.study_folders(str(ROOT / "study" / plan))["docs"] / "selection.json")
+                            .read_text()) for plan in ("fashion_tail.yaml", "fashion_tail_5epoch.yaml"))
+
+
+def _study_pick(group: str) -> dict:
+    """The study's pick of ``group``: the final model's once it has one; until then the screening model's
+    (PROTOCOL.md, session 9)."""
+    selection = next((s for s in _study_selections() if group in s), {})
+    assert group in selection, f"the study has picked no {group} configuration yet"
+    return selection[group]
+
+
+def _same_guidances(config: Path, picked: dict) -> None:
+    resolved = resolved_with_eval(config)["model"]["init_args"]["guidances"]
     assert list(resolved) == list(picked)
     for name, spec in picked.items():
         assert resolved[name]["class_path"] == spec["class_path"]
         for arg, value in spec.get("init_args", {}).items():
             assert resolved[name]["init_args"][arg] == value, (name, arg)
+
+
+def test_fashion_tail_is_the_tail_study_pick():
+    """configs/fashion/tail.yaml is the guidance stack the tail study's PROTOCOL.md rule picked: same guidances,
+    classes and knob values."""
+    _same_guidances(ROOT / "fashion/tail.yaml", _study_pick("tail")["guidances"])
+
+
+def test_fashion_adm_g_is_the_study_scale_with_the_lowest_fid():
+    """configs/fashion/adm_g.yaml is ADM-G at the guided scale with the lowest domain FID in the study's grid."""
+    _same_guidances(ROOT / "fashion/adm_g.yaml", _study_pick("adm_g")["guidances"])

@@ -215,6 +215,18 @@ def test_no_pick_before_the_seed_set_noise_exists():
     assert flags == {} and picks(plan, table, verdicts(plan, table, cfg), flags) == {}
 
 
+def test_the_adm_g_pick_is_the_guided_scale_with_the_lowest_domain_fid_at_the_grid_size():
+    from tail_study_report import picks
+
+    plan, table, cfg = _study({"interval@2": ("interval", 0.95, 0.80, 0.0)})
+    table[("adm_g@0.5", 2000)] = {**table[("adm_g@1", 2000)], "info": {"method": "adm_g", "value": 0.5}}
+    for (run, n), fid in {("adm_g@0", 2000): 0.5, ("adm_g@0.5", 2000): 0.9, ("adm_g@1", 2000): 0.8,
+                          ("adm_g@0", 5000): 0.1, ("interval@2", 2000): 0.2}.items():
+        table[(run, n)] = {**table[(run, n)], "mean": {**table[(run, n)]["mean"], "fid": fid}}
+    # unguided (s = 0), another size and another method do not count: s=1 (0.8) beats s=0.5 (0.9)
+    assert picks(plan, table, {}, {})["adm_g"] == {"run": "adm_g@1", "n": 2000, "fid": 0.8}
+
+
 def test_a_method_model_override_reaches_its_runs_only():
     plan = tail_study.load_plan(str(ROOT / "configs/study/fashion_tail.yaml"))
     plan["methods"]["x"] = {"guidances": {"cg": {"class_path": "C", "init_args": {}}}, "knob": "cg.scale",

@@ -112,7 +112,8 @@ def picks(plan: dict, table: dict, verdict: dict, flags: dict) -> dict[str, dict
     ``competitor``: every other non-curve method), the grid row with the largest mean z over the four diversity
     metrics on the class-accuracy axis in judge features, among rows whose accuracy lies within the ADM-G curve's
     range and which are not flagged off-manifold. ``{group: {"run", "n", "mean_z"}}``; a group is missing while
-    no row qualifies (e.g. before the seed-set noise exists)."""
+    no row qualifies (e.g. before the seed-set noise exists). ``adm_g``: the curve's guided scale (s > 0) with the
+    lowest domain FID at the grid's N (``configs/fashion/adm_g.yaml``), ``{"run", "n", "fid"}``."""
     tail = set(plan.get("tail_methods", []))
     grid_n = plan["setting"]["grid"]["num_samples"]
     best: dict[str, dict] = {}
@@ -124,6 +125,11 @@ def picks(plan: dict, table: dict, verdict: dict, flags: dict) -> dict[str, dict
         mean_z = float(np.mean(list(v["z"].values())))
         if group not in best or mean_z > best[group]["mean_z"]:
             best[group] = {"run": run, "n": n, "mean_z": mean_z}
+    scales = [(row["mean"]["fid"], run) for (run, n), row in table.items() if n == grid_n and "fid" in row["mean"]
+              and row["info"]["method"] == plan["curve"] and row["info"]["value"]]  # s = 0 is no guidance
+    if scales:  # configs/fashion/adm_g.yaml: the guided scale with the lowest domain FID at the grid's N
+        fid, run = min(scales)
+        best["adm_g"] = {"run": run, "n": grid_n, "fid": fid}
     return best
 
 
@@ -164,6 +170,9 @@ def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict 
         c = (chosen or {}).get(group)
         lines.append(f"- best {group}: " + (f"{c['run']} (N={c['n']}, mean z {c['mean_z']:+.2f})" if c
                                              else "none yet (no comparable row with seed-set noise)"))
+    if c := (chosen or {}).get("adm_g"):
+        lines.append(f"- ADM-G scale with the lowest domain FID at N={c['n']} (configs/fashion/adm_g.yaml): {c['run']} "
+                     f"(FID {c['fid']:.3f})")
     (docs / "results.md").write_text("\n".join(lines) + "\n")
 
 
