@@ -142,8 +142,9 @@ def _study_selections() -> tuple[dict, ...]:
     sys.path.insert(0, str(ROOT.parent / "tools"))
     import tail_study
 
-    return tuple(json.loads((tail_study.study_folders(str(ROOT / "study" / plan))["docs"] / "selection.json")
-                            .read_text()) for plan in ("fashion_tail.yaml", "fashion_tail_5epoch.yaml"))
+    docs = [tail_study.study_folders(tail_study.load_plan(str(ROOT / "study" / plan)))["docs"]
+            for plan in ("fashion_tail.yaml", "fashion_tail_5epoch.yaml")]
+    return tuple(json.loads((folder / "selection.json").read_text()) for folder in docs)
 
 
 def _study_pick(group: str) -> dict:

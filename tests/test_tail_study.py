@@ -95,7 +95,7 @@ def test_readme_tables_are_the_reports_of_the_committed_records():
     readme = (ROOT / "README.md").read_text()
     reported = set()
     for plan_path in STUDY_PLANS:
-        records = tail_study.study_folders(str(ROOT / plan_path))["records"]
+        records = tail_study.study_folders(tail_study.load_plan(str(ROOT / plan_path)))["records"]
         assert records.parent == ROOT / "docs/tail_study/units", plan_path
         plan = tail_study.load_plan(str(ROOT / plan_path))
         assert readme_block(*study_table(plan, records), records.name) in readme, plan_path

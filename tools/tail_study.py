@@ -4,16 +4,16 @@
                                       [--stage grid|headline] [--only RUN ...] [--wandb] [--dry-run]
                                       [--deadline HH:MM]        # or `touch runs/tail_study/STOP`
     python tools/tail_study.py list   [--plan ...]                      # the expanded runs and their flags
-    python tools/tail_study.py report [--docs docs/tail_study]   # <docs>/model_<sha>/: tables, verdicts, plots; README's table
+    python tools/tail_study.py report [--plan ...]   # <docs>/model_<sha>/: tables, verdicts, plots; README's table
 
 The same runner serves other plans (``--plan configs/study/fashion_steps.yaml``: quality per network call, issue
 11). A plan may name its own ``paths`` (out / records / docs, relative to the repository; flags override), its
-``report.module`` (a module in ``tools/`` with ``report(plan, records, docs)``), ``extends`` (another plan, relative to
-this one's folder, that this one overrides key by key: e.g. the same study on another base model), ``order: cost`` (grid units by
-network calls, unguided first), ``first`` (runs the grid starts with) and ``setting.wandb_project``; ``setting.steps``
-is then optional. A method may carry ``steps`` (its runs' respacing instead of ``setting.steps``), ``knob: steps``
-(its ``values`` are step counts; its guidances, if any, stay as written) and ``model`` arguments such as
-``sampler`` / ``eta`` / ``autocast``. A plan's ``record_args`` names the ``model.init_args`` each record states
+``report.module`` (a module in ``tools/`` with ``report(plan, records, docs)``), ``extends`` (another plan, relative
+to this one's folder, that this one overrides key by key: e.g. the same study on another base model), ``order:
+cost`` (grid units by network calls, unguided first), ``first`` (runs the grid starts with) and
+``setting.wandb_project``; ``setting.steps`` is then optional. A method may carry ``steps`` (its runs' respacing
+instead of ``setting.steps``), ``knob: steps`` (its ``values`` are step counts; its guidances, if any, stay as
+written) and ``model`` arguments such as ``sampler`` / ``eta`` / ``autocast``. A plan's ``record_args`` names the ``model.init_args`` each record states
 (under ``sampling``, as the run sets them: sampler, precision); the tail plan names none, so its records are as
 before.
 
@@ -23,9 +23,9 @@ mix), then ``tailgen test`` on those samples writes ``metrics.json`` beside them
 logs; not in git). The finished unit's *record* -- what was run, on which model, how long, and every metric -- is
 written last, atomically, to ``<records>/model_<sha>/<run>/n<N>_s<seed>.json`` (default
 ``docs/tail_study/units``, committed), so the study resumes across sessions and machines: a unit with a record is
-skipped. Every unit can be reproduced by hand from the command saved in its ``command.txt``. Several study processes may run at once (e.g. one per core): each unit is claimed by a
-``lock`` file holding the claiming pid. The model's weights digest is recorded per unit (``unit.json``) so every number names the
-model it comes from.
+skipped. Every unit can be reproduced by hand from the command saved in its ``command.txt``. Several study processes
+may run at once (e.g. one per core): each unit is claimed by a ``lock`` file holding the claiming pid. The model's
+weights digest is recorded per unit (``unit.json``) so every number names the model it comes from.
 """
 
 from __future__ import annotations
@@ -149,8 +149,9 @@ def model_digest(plan: dict) -> dict:
     from tailgen.models.spec import NetworkSpec
     from tailgen.utils.io import file_digest
 
-    printed = subprocess.run([sys.executable, "-m", "tailgen.cli", "predict", "--config", str(ROOT / plan["setting"]["base"]),
-                              "--print_config"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    printed = subprocess.run([sys.executable, "-m", "tailgen.cli", "predict", "--config",
+                              str(ROOT / plan["setting"]["base"]), "--print_config"],
+                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
     network = yaml.safe_load(printed)["model"]["init_args"]["network"]
     network = network.get("init_args", network)  # class_path + init_args, or the plain mapping
     spec = NetworkSpec(**network)
@@ -158,11 +159,13 @@ def model_digest(plan: dict) -> dict:
     return {"network": network, "weights_sha256": file_digest(path) if path else None}
 
 
-def study_folders(plan_path: str) -> dict[str, Path]:
-    """``{"out", "records", "docs"}`` of a plan's model: its default paths, each under ``model_<sha256[:10]>``."""
-    plan = load_plan(plan_path)
-    model = model_digest(plan)
-    return {key: model_out(Path(path), model) for key, path in paths(plan).items()}
+def study_folders(plan: dict, out: str | None = None, records: str | None = None,
+                  docs: str | None = None) -> dict[str, Path]:
+    """``{"out", "records", "docs"}`` of the plan's model: :func:`paths`, each under ``model_<sha256[:10]>``. Sets
+    ``plan["_model"]`` (:func:`model_digest`) if it is not set yet."""
+    if "_model" not in plan:
+        plan["_model"] = model_digest(plan)
+    return {key: model_out(Path(path), plan["_model"]) for key, path in paths(plan, out, records, docs).items()}
 
 
 def record_path(records: Path, run: str, n: int, seed: int) -> Path:
@@ -334,22 +337,17 @@ def main(argv=None) -> None:
             steps = f"  steps: {run['steps']}" if run["steps"] != plan["setting"].get("steps") else ""
             print(f"{name:40s} {json.dumps(run['guidances'])}{model}{steps}")
         return
+    folders = study_folders(plan, args.out, args.records, args.docs)
     if args.action == "report":
         sys.path.insert(0, str(Path(__file__).parent))
-        plan["_model"] = model_digest(plan)
-        records = model_out(Path(args.records), plan["_model"])
         module = plan.get("report", {}).get("module", "tail_study_report")
         if module == "tail_study_report":
             from tail_study_report import report
 
-            report(plan, records, model_out(Path(args.docs), plan["_model"]), model_out(Path(args.out), plan["_model"]),
-                   ROOT / "README.md")
+            report(plan, folders["records"], folders["docs"], folders["out"], ROOT / "README.md")
         else:
-            importlib.import_module(module).report(plan, records, Path(args.docs))
+            importlib.import_module(module).report(plan, folders["records"], Path(args.docs))
         return
-    plan["_model"] = model_digest(plan)
-    out = model_out(Path(args.out), plan["_model"])
-    records = model_out(Path(args.records), plan["_model"])
     from tqdm import tqdm
 
     todo = units(plan, args.stage, args.only)
@@ -357,7 +355,8 @@ def main(argv=None) -> None:
         if not args.dry_run and (reason := should_stop(Path(args.out), deadline)):
             print(f"tail_study: stopping before {name} n={n} seed={seed}: {reason}", flush=True)
             break
-        run_unit(plan, name, plan["_runs"][name], n, seed, out, records, args.wandb, args.dry_run)
+        run_unit(plan, name, plan["_runs"][name], n, seed, folders["out"], folders["records"], args.wandb,
+                 args.dry_run)
 
 
 def parse_deadline(text: str, now: float | None = None) -> float:
