@@ -13,9 +13,9 @@ to this one's folder, that this one overrides key by key: e.g. the same study on
 cost`` (grid units by network calls, unguided first), ``first`` (runs the grid starts with) and
 ``setting.wandb_project``; ``setting.steps`` is then optional. A method may carry ``steps`` (its runs' respacing
 instead of ``setting.steps``), ``knob: steps`` (its ``values`` are step counts; its guidances, if any, stay as
-written) and ``model`` arguments such as ``sampler`` / ``eta`` / ``autocast``. A plan's ``record_args`` names the ``model.init_args`` each record states
-(under ``sampling``, as the run sets them: sampler, precision); the tail plan names none, so its records are as
-before.
+written) and ``model`` arguments such as ``sampler`` / ``eta`` / ``autocast``. A plan's ``record_args`` names the
+``model.init_args`` each record states (under ``sampling``, as the run sets them: sampler, precision); the tail plan
+names none, so its records are as before.
 
 A *unit* is (run, N, seed set): ``tailgen predict`` writes ``<out>/model_<sha>/<run>/n<N>_s<seed>/samples.npz``
 (+ grid; ``model_<sha>`` = the first digits of the diffusion weights' sha256, so results of different models never
