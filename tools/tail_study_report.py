@@ -127,7 +127,7 @@ def picks(plan: dict, table: dict, verdict: dict, flags: dict) -> dict[str, dict
             best[group] = {"run": run, "n": n, "mean_z": mean_z}
     scales = [(row["mean"]["fid"], run) for (run, n), row in table.items() if n == grid_n and "fid" in row["mean"]
               and row["info"]["method"] == plan["curve"] and row["info"]["value"]]  # s = 0 is no guidance
-    if scales:  # configs/fashion/adm_g.yaml: the guided scale with the lowest domain FID at the grid's N
+    if scales:
         fid, run = min(scales)
         best["adm_g"] = {"run": run, "n": grid_n, "fid": fid}
     return best
