@@ -4,6 +4,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +226,28 @@ def test_the_adm_g_pick_is_the_guided_scale_with_the_lowest_domain_fid_at_the_gr
         table[(run, n)] = {**table[(run, n)], "mean": {**table[(run, n)]["mean"], "fid": fid}}
     # unguided (s = 0), another size and another method do not count: s=1 (0.8) beats s=0.5 (0.9)
     assert picks(plan, table, {}, {})["adm_g"] == {"run": "adm_g@1", "n": 2000, "fid": 0.8}
+
+
+def test_headline_rows_are_compared_with_the_curve_paired_by_seed_set():
+    from tail_study_report import DEFAULT_REPORT, aggregate, headline_differences
+
+    def unit(run, method, value, seed, recall, n=5000):
+        return {"run": run, "method": method, "value": value, "num_samples": n, "seed": seed,
+                "metrics": {"tail/accuracy": 0.9, "judge/recall": recall}}
+
+    units = [unit("interval@4", "interval", 4, s, r) for s, r in ((2, 0.84), (0, 0.83), (1, 0.86))]
+    units += [unit("adm_g@0", "adm_g", 0, s, r) for s, r in ((1, 0.82), (0, 0.80), (2, 0.81))]
+    units += [unit("adm_g@0.25", "adm_g", 0.25, s, 0.5) for s in (0, 1)]  # two seed sets: not a headline row yet
+    units += [unit("adm_g@1", "adm_g", 1, 0, 0.1, n=2000)]                 # grid size: not a headline row
+    plan = {"curve": "adm_g", "setting": {"headline": {"num_samples": 5000, "seeds": [0, 1, 2]}}}
+    cfg = {**DEFAULT_REPORT, "spaces": {"judge": "judge/"}}
+    (d,) = headline_differences(plan, aggregate(units), cfg)
+    assert (d["run"], d["reference"], d["n"]) == ("interval@4", "adm_g@0", 5000)
+    recall = d["delta"]["judge/recall"]  # paired: seed k minus seed k = 0.03, 0.04, 0.03
+    sigma = float(np.std([0.83, 0.86, 0.84], ddof=1))  # the larger headline std (adm_g@0's is 0.01)
+    assert abs(recall["mean"] - 0.1 / 3) < 1e-12 and abs(recall["std"] - float(np.std([0.03, 0.04, 0.03], ddof=1))) < 1e-12
+    assert abs(recall["z"] - (0.1 / 3) / sigma) < 1e-9
+    assert d["delta"]["tail/accuracy"]["mean"] == 0.0 and "judge/fid" not in d["delta"]
 
 
 def test_a_method_model_override_reaches_its_runs_only():

@@ -34,15 +34,17 @@ def collect(records: Path) -> list[dict]:
 
 
 def aggregate(units: list[dict]) -> dict[tuple[str, int], dict]:
-    """(run, N) -> {"info": first unit, "mean": {k: v}, "std": {k: v} (NaN with one seed set), "seeds": [..]}."""
+    """(run, N) -> {"info": first unit, "seeds": [..] (ascending), "by_seed": {k: [v per seed set]},
+    "mean": {k: v}, "std": {k: v} (NaN with one seed set)}."""
     groups: dict[tuple[str, int], list[dict]] = {}
-    for unit in units:
+    for unit in sorted(units, key=lambda u: u["seed"]):
         groups.setdefault((unit["run"], unit["num_samples"]), []).append(unit)
     table = {}
     for key, members in groups.items():
         names = sorted(set.intersection(*(set(m["metrics"]) for m in members)))
         values = {k: np.array([m["metrics"][k] for m in members], dtype=float) for k in names}
-        table[key] = {"info": members[0], "seeds": sorted(m["seed"] for m in members),
+        table[key] = {"info": members[0], "seeds": [m["seed"] for m in members],
+                      "by_seed": {k: v.tolist() for k, v in values.items()},
                       "mean": {k: float(v.mean()) for k, v in values.items()},
                       "std": {k: float(v.std(ddof=1)) if len(v) > 1 else math.nan for k, v in values.items()}}
     return table
@@ -85,6 +87,35 @@ def verdicts(plan: dict, table: dict, cfg: dict) -> dict[tuple[str, int], dict]:
                     continue
                 result[f"{space}/{axis}"] = margin_over_curve(curve, row["mean"], fidelity, diversity, sigma)
         out[(run, n)] = result
+    return out
+
+
+def headline_differences(plan: dict, table: dict, cfg: dict) -> list[dict]:
+    """The headline rows (N = 5,000, every seed set) against each ADM-G row of that size, **paired by seed set**
+    (seed set k draws the same per-sample seeds in every row): per metric, delta = row - reference, its mean and
+    std over the seed sets, and z = mean delta / sigma (sigma: the PROTOCOL.md seed-set std at that N, the
+    largest among the headline rows). A curve row is compared only with the curve rows of lower scale. This is
+    the error bar of each headline claim; the rule's verdicts stay on the interpolated curve (``verdicts``)."""
+    curve_method, headline = plan.get("curve", "adm_g"), plan["setting"]["headline"]
+    n, seeds = headline["num_samples"], sorted(headline["seeds"])
+    sigma = seed_noise(table, n, n, len(seeds))
+    keys = [cfg["accuracy"]] + [p + k for p in cfg["spaces"].values() for k in [cfg["fid"], *cfg["diversity"]]]
+    rows = {run: row for (run, size), row in table.items() if size == n and row["seeds"] == seeds}
+    out = []
+    for ref, ref_row in rows.items():
+        if ref_row["info"]["method"] != curve_method:
+            continue
+        for run, row in rows.items():
+            if run == ref or (row["info"]["method"] == curve_method
+                              and row["info"]["value"] <= ref_row["info"]["value"]):
+                continue
+            delta = {}
+            for k in keys:
+                if k in row["by_seed"] and k in ref_row["by_seed"]:
+                    d = np.array(row["by_seed"][k]) - np.array(ref_row["by_seed"][k])
+                    delta[k] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)),
+                                "z": float(d.mean() / sigma[k]) if sigma.get(k) else math.nan}
+            out.append({"run": run, "reference": ref, "n": n, "delta": delta})
     return out
 
 
@@ -141,7 +172,7 @@ def _cell(row: dict, key: str) -> str:
 
 
 def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict | None = None,
-                 chosen: dict | None = None) -> None:
+                 chosen: dict | None = None, differences: list[dict] | None = None) -> None:
     keys = [cfg["accuracy"]] + [p + k for p in cfg["spaces"].values() for k in [cfg["fid"], *cfg["diversity"]]]
     with open(docs / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -173,6 +204,15 @@ def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict 
     if c := (chosen or {}).get("adm_g"):
         lines.append(f"- ADM-G scale with the lowest domain FID at N={c['n']} (configs/fashion/adm_g.yaml): {c['run']} "
                      f"(FID {c['fid']:.3f})")
+    if differences:
+        n = differences[0]["n"]
+        lines += ["", f"Headline rows, paired by seed set (N={n}): delta = row - reference, mean ± std over the seed "
+                  "sets [z = mean delta / sigma, the PROTOCOL.md seed-set std at this N]", "",
+                  "| row | reference | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+        for d in differences:
+            cells = [(f"{v['mean']:+.3f} ± {v['std']:.3f} [{v['z']:+.1f}]" if k in d["delta"] else "-")
+                     for k in keys for v in [d["delta"].get(k, {})]]
+            lines.append(f"| {d['run']} | {d['reference']} | " + " | ".join(cells) + " |")
     (docs / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -333,7 +373,7 @@ def report(plan: dict, records: Path, docs: Path, out: Path, readme: Path | None
     table, verdict, cfg = study_table(plan, records)
     flags = off_manifold(plan, table, cfg)
     chosen = picks(plan, table, verdict, flags)
-    write_tables(table, verdict, cfg, docs, flags, chosen)
+    write_tables(table, verdict, cfg, docs, flags, chosen, headline_differences(plan, table, cfg))
     selection = {group: {**c, "guidances": plan["_runs"][c["run"]]["guidances"]} for group, c in chosen.items()
                  if c["run"] in plan.get("_runs", {})}
     (docs / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")  # tests: tail.yaml == the tail pick
