@@ -3,7 +3,8 @@
 Reads every finished unit's record under ``--records`` (one JSON per unit: provenance + metrics) and writes to
 ``--docs``:
 ``results.csv`` (one row per run and sample size: mean, std, seed sets),
-``results.md`` (the table and the verdicts), ``<space>_<y>_vs_<x>.png`` (the ADM-G curve drawn, error bars,
+``results.md`` (the table, the verdicts, the selection and the headline rows against the ADM-G headline rows,
+paired by seed set), ``<space>_<y>_vs_<x>.png`` (the ADM-G curve drawn, error bars,
 numbered points with a legend so labels never overlap) and ``grid_<run>.png`` for the headline runs.
 """
 
