@@ -173,7 +173,8 @@ def _cell(row: dict, key: str) -> str:
 
 
 def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict | None = None,
-                 chosen: dict | None = None, differences: list[dict] | None = None) -> None:
+                 chosen: dict | None = None, differences: list[dict] | None = None,
+                 noise: dict[int, dict[str, float]] | None = None) -> None:
     keys = [cfg["accuracy"]] + [p + k for p in cfg["spaces"].values() for k in [cfg["fid"], *cfg["diversity"]]]
     with open(docs / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -183,6 +184,9 @@ def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict 
     lines = ["| run | N x seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for (run, n), row in table.items():
         lines.append(f"| {run} | {n} x {len(row['seeds'])} | " + " | ".join(_cell(row, k) for k in keys) + " |")
+    for n, sigma in sorted((noise or {}).items()):  # the z denominators (PROTOCOL.md rule 3)
+        lines += ["", f"Seed-set sigma at N={n}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(sigma.items())
+                                                             if k in keys)]
     lines += ["", "Verdicts (PROTOCOL.md): z = (D - D_ref) / sigma per diversity metric; above = every z > 2.", ""]
     for (run, n), result in verdict.items():
         for where, v in result.items():
@@ -374,7 +378,10 @@ def report(plan: dict, records: Path, docs: Path, out: Path, readme: Path | None
     table, verdict, cfg = study_table(plan, records)
     flags = off_manifold(plan, table, cfg)
     chosen = picks(plan, table, verdict, flags)
-    write_tables(table, verdict, cfg, docs, flags, chosen, headline_differences(plan, table, cfg))
+    headline = plan["setting"]["headline"]
+    noise = {n: seed_noise(table, headline["num_samples"], n, len(headline["seeds"]))
+             for n in sorted({n for _, n in table})}
+    write_tables(table, verdict, cfg, docs, flags, chosen, headline_differences(plan, table, cfg), noise)
     selection = {group: {**c, "guidances": plan["_runs"][c["run"]]["guidances"]} for group, c in chosen.items()
                  if c["run"] in plan.get("_runs", {})}
     (docs / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")  # tests: tail.yaml == the tail pick
