@@ -34,6 +34,11 @@ def collect(records: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(records.glob("*/n*_s*.json"))]
 
 
+def metric_keys(cfg: dict) -> list[str]:
+    """The reported metrics, in table order: class accuracy, then per feature space FID and the diversity metrics."""
+    return [cfg["accuracy"]] + [p + k for p in cfg["spaces"].values() for k in [cfg["fid"], *cfg["diversity"]]]
+
+
 def aggregate(units: list[dict]) -> dict[tuple[str, int], dict]:
     """(run, N) -> {"info": first unit, "seeds": [..] (ascending), "by_seed": {k: [v per seed set]},
     "mean": {k: v}, "std": {k: v} (NaN with one seed set)}."""
@@ -100,7 +105,7 @@ def headline_differences(plan: dict, table: dict, cfg: dict) -> list[dict]:
     curve_method, headline = plan.get("curve", "adm_g"), plan["setting"]["headline"]
     n, seeds = headline["num_samples"], sorted(headline["seeds"])
     sigma = seed_noise(table, n, n, len(seeds))
-    keys = [cfg["accuracy"]] + [p + k for p in cfg["spaces"].values() for k in [cfg["fid"], *cfg["diversity"]]]
+    keys = metric_keys(cfg)
     rows = {run: row for (run, size), row in table.items() if size == n and row["seeds"] == seeds}
     out = []
     for ref, ref_row in rows.items():
@@ -175,7 +180,7 @@ def _cell(row: dict, key: str) -> str:
 def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict | None = None,
                  chosen: dict | None = None, differences: list[dict] | None = None,
                  noise: dict[int, dict[str, float]] | None = None) -> None:
-    keys = [cfg["accuracy"]] + [p + k for p in cfg["spaces"].values() for k in [cfg["fid"], *cfg["diversity"]]]
+    keys = metric_keys(cfg)
     with open(docs / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "num_samples", "seed_sets"] + [f"{k}{s}" for k in keys for s in ("", "_std")])
