@@ -150,9 +150,16 @@ def test_deadline_is_the_next_such_time_across_midnight():
     evening = dt.datetime(2026, 12, 1, 22, 10).timestamp()
     assert dt.datetime.fromtimestamp(tail_study.parse_deadline("00:40", evening)) == dt.datetime(2026, 12, 2, 0, 40)
     assert dt.datetime.fromtimestamp(tail_study.parse_deadline("23:05", evening)) == dt.datetime(2026, 12, 1, 23, 5)
-    for bad in ("24:00", "7pm", "12:5"):
-        with pytest.raises(SystemExit, match="HH:MM"):
+    for bad in ("24:00", "7pm", "12:5", "+90", "+-5m", "90m"):
+        with pytest.raises(SystemExit, match=r"HH:MM.*\+Nm"):
             tail_study.parse_deadline(bad, evening)
+
+
+def test_deadline_as_a_duration_from_now():
+    now = 1_800_000_000.0
+    assert tail_study.parse_deadline("+90m", now) == now + 5400
+    assert tail_study.parse_deadline("+1.5h", now) == now + 5400
+    assert tail_study.parse_deadline(" +0m ", now) == now
 
 
 def test_seed_noise_needs_every_headline_seed_set():

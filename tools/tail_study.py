@@ -2,7 +2,7 @@
 
     python tools/tail_study.py run    [--plan configs/study/fashion_tail.yaml] [--out runs/tail_study]
                                       [--stage grid|headline] [--only RUN ...] [--wandb] [--dry-run]
-                                      [--deadline HH:MM]        # or `touch runs/tail_study/STOP`
+                                      [--deadline HH:MM|+Nm]    # or `touch runs/tail_study/STOP`
     python tools/tail_study.py list   [--plan ...]                      # the expanded runs and their flags
     python tools/tail_study.py report [--plan ...]   # <docs>/model_<sha>/: tables, verdicts, plots; README's table
 
@@ -326,7 +326,7 @@ def main(argv=None) -> None:
     ap.add_argument("--wandb", action="store_true", help="log every test run to W&B (offline)")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--deadline", help="HH:MM: start no unit after the next such local time, midnight crossed if "
-                    "needed (a running unit finishes)")
+                    "needed; or +Nm / +Nh from now (a running unit finishes; the resolved time is printed)")
     args = ap.parse_args(argv)
     deadline = parse_deadline(args.deadline) if args.deadline else None
     plan = load_plan(args.plan)
@@ -351,6 +351,9 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     todo = units(plan, args.stage, args.only)
+    if deadline is not None and not args.dry_run:
+        print(f"tail_study: no unit starts after {time.strftime('%a %d %b %H:%M', time.localtime(deadline))}",
+              flush=True)
     for name, n, seed in tqdm(todo, desc=f"tail study ({args.stage})", disable=args.dry_run):
         if not args.dry_run and (reason := should_stop(Path(args.out), deadline)):
             print(f"tail_study: stopping before {name} n={n} seed={seed}: {reason}", flush=True)
@@ -360,13 +363,19 @@ def main(argv=None) -> None:
 
 
 def parse_deadline(text: str, now: float | None = None) -> float:
-    """``HH:MM`` -> the epoch time of its next occurrence after ``now`` (local time; "00:40" at 22:10 is tomorrow's)."""
+    """``HH:MM`` -> the epoch time of its next occurrence after ``now`` (local time; "00:40" at 22:10 is tomorrow's);
+    ``+90m`` / ``+2h`` -> ``now`` plus that duration (no ambiguity about which day)."""
     import datetime as dt
 
-    match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text.strip())
+    now = time.time() if now is None else now
+    text = text.strip()
+    if duration := re.fullmatch(r"\+(\d+(?:\.\d+)?)([mh])", text):
+        return now + float(duration[1]) * (60 if duration[2] == "m" else 3600)
+    match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text)
     if not match:
-        raise SystemExit(f"tail_study: --deadline {text!r} is not a time HH:MM (00:00-23:59); e.g. --deadline 00:40")
-    start = dt.datetime.fromtimestamp(time.time() if now is None else now)
+        raise SystemExit(f"tail_study: --deadline {text!r} is neither a time HH:MM (00:00-23:59) nor a duration +Nm / "
+                         "+Nh; e.g. --deadline 00:40 or --deadline +90m")
+    start = dt.datetime.fromtimestamp(now)
     at = start.replace(hour=int(match[1]), minute=int(match[2]), second=0, microsecond=0)
     if at <= start:
         at += dt.timedelta(days=1)
