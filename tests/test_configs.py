@@ -170,6 +170,15 @@ def test_fashion_tail_is_the_tail_study_pick():
     _same_guidances(ROOT / "fashion/tail.yaml", _study_pick("tail")["guidances"])
 
 
+def test_fashion_competitor_config_is_the_study_pick():
+    """The best competitor ships at the strength the study picked: configs/fashion/<method>.yaml (its method's named
+    config) holds the same guidance stack as the pick (e.g. interval@4 -> interval.yaml at scale 4)."""
+    picked = _study_pick("competitor")
+    config = ROOT / "fashion" / f"{picked['run'].split('@')[0]}.yaml"
+    assert config.exists(), f"the study's best competitor {picked['run']} has no named config {config.name}"
+    _same_guidances(config, picked["guidances"])
+
+
 def test_fashion_adm_g_is_the_study_scale_with_the_lowest_fid():
     """configs/fashion/adm_g.yaml is ADM-G at the guided scale with the lowest domain FID in the study's grid."""
     _same_guidances(ROOT / "fashion/adm_g.yaml", _study_pick("adm_g")["guidances"])
