@@ -123,6 +123,23 @@ def test_the_screening_plan_is_the_tail_plan_on_the_5epoch_model():
         {k: v for k, v in final["setting"].items() if k != "base"}
 
 
+def test_readme_figures_are_committed_report_outputs():
+    """Every image README shows from docs/tail_study/ is a committed file whose name the report writes
+    (``<space>_<y>_vs_<x>_n<N>.png`` for one of its plots, ``grid_`` / ``rarest_`` of a run)."""
+    import re
+
+    from tail_study_report import DEFAULT_REPORT
+
+    shown = re.findall(r'<img src="(docs/tail_study/[^"]+)"', (ROOT / "README.md").read_text())
+    assert shown, "README shows no tail-study figure"
+    plotted = {f"{space}_{y.replace('/', '_')}_vs_{x}_n" for space in DEFAULT_REPORT["spaces"]
+               for x, y in DEFAULT_REPORT["plots"]}
+    for path in shown:
+        assert (ROOT / path).is_file(), path
+        name = Path(path).name
+        assert name.startswith(("grid_", "rarest_")) or any(name.startswith(p) for p in plotted), name
+
+
 def test_update_readme_replaces_only_the_generated_block(tmp_path):
     from tail_study_report import readme_markers, update_readme
 

@@ -25,7 +25,8 @@ DEFAULT_REPORT = {
     "accuracy": "tail/accuracy",
     "fid": "fid",
     "diversity": ["recall", "coverage", "classwise/coverage_mean", "rarity"],
-    "plots": [["fid", "recall"], ["accuracy", "classwise/coverage_mean"], ["fid", "rarity"]],
+    "plots": [["fid", "recall"], ["accuracy", "classwise/coverage_mean"], ["fid", "rarity"],
+              ["accuracy", "fid"]],  # the last: the fidelity plane (how each row buys class accuracy in FID)
 }
 
 
