@@ -252,6 +252,18 @@ def test_the_adm_g_pick_is_the_guided_scale_with_the_lowest_domain_fid_at_the_gr
     assert picks(plan, table, {}, {})["adm_g"] == {"run": "adm_g@1", "n": 2000, "fid": 0.8}
 
 
+def test_a_row_outside_the_curve_is_described_against_the_nearest_curve_point():
+    """No verdict outside the curve's fidelity range (PROTOCOL.md), but the report says where the row stands: the
+    curve point with the closest fidelity, the range, and z against that point."""
+    from tail_study_report import nearest_curve_point
+
+    named = [("adm_g@0", {"fid": 1.0, "recall": 0.80}), ("adm_g@1", {"fid": 0.8, "recall": 0.70}),
+             ("adm_g@2", {"fid": 1.5, "recall": 0.60})]
+    near = nearest_curve_point(named, {"fid": 0.7, "recall": 0.75}, "fid", ["recall"], {"recall": 0.01})
+    assert near["run"] == "adm_g@1" and near["range"] == [0.8, 1.5]
+    assert near["z"]["recall"] == pytest.approx(5.0)
+
+
 def test_headline_rows_are_compared_with_the_curve_paired_by_seed_set():
     from tail_study_report import DEFAULT_REPORT, aggregate, headline_differences
 

@@ -77,9 +77,9 @@ def verdicts(plan: dict, table: dict, cfg: dict) -> dict[tuple[str, int], dict]:
     for (run, n), row in table.items():
         if row["info"]["method"] == curve_method:
             continue  # the curve itself is the reference, not a candidate
-        curve = [r["mean"] for (name, size), r in sorted(
-            ((k, v) for k, v in table.items() if v["info"]["method"] == curve_method and k[1] == n),
-            key=lambda kv: kv[1]["info"]["value"])]
+        named = sorted(((k[0], v["mean"]) for k, v in table.items() if v["info"]["method"] == curve_method and k[1] == n),
+                       key=lambda kv: table[(kv[0], n)]["info"]["value"])
+        curve = [mean for _, mean in named]
         sigma = seed_noise(table, headline_n, n, len(plan["setting"]["headline"]["seeds"]))
         result = {}
         for space, prefix in cfg["spaces"].items():
@@ -92,9 +92,22 @@ def verdicts(plan: dict, table: dict, cfg: dict) -> dict[tuple[str, int], dict]:
                 if not all(d in sigma for d in diversity):
                     result[f"{space}/{axis}"] = {"comparable": None}
                     continue
-                result[f"{space}/{axis}"] = margin_over_curve(curve, row["mean"], fidelity, diversity, sigma)
+                v = result[f"{space}/{axis}"] = margin_over_curve(curve, row["mean"], fidelity, diversity, sigma)
+                if not v["comparable"]:
+                    v["nearest"] = nearest_curve_point(named, row["mean"], fidelity, diversity, sigma)
         out[(run, n)] = result
     return out
+
+
+def nearest_curve_point(named: list, candidate: dict, fidelity: str, diversity: list[str], sigma: dict) -> dict:
+    """For a candidate outside the curve's fidelity range (no verdict by the rule): the curve point with the closest
+    fidelity, the range, and z = (D(C) - D(point)) / sigma, so that "not comparable" still says where it stands
+    (descriptive only; PROTOCOL.md's verdict stays "not comparable")."""
+    f = candidate[fidelity]
+    run, point = min(named, key=lambda kv: abs(kv[1][fidelity] - f))
+    return {"run": run, "fidelity": point[fidelity], "range": [min(p[fidelity] for _, p in named),
+                                                               max(p[fidelity] for _, p in named)],
+            "z": {d: (candidate[d] - point[d]) / sigma[d] for d in diversity if sigma.get(d)}}
 
 
 def headline_differences(plan: dict, table: dict, cfg: dict) -> list[dict]:
@@ -171,6 +184,12 @@ def picks(plan: dict, table: dict, verdict: dict, flags: dict) -> dict[str, dict
     return best
 
 
+def fidelity_key(cfg: dict, where: str) -> str:
+    """The fidelity metric of a verdict key ``<space>/<axis>``."""
+    space, axis = where.split("/")
+    return cfg["accuracy"] if axis == "accuracy" else cfg["spaces"][space] + cfg["fid"]
+
+
 def _cell(row: dict, key: str) -> str:
     if key not in row["mean"]:
         return "-"
@@ -198,8 +217,14 @@ def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict 
         for where, v in result.items():
             if v.get("comparable") is None:
                 lines.append(f"- {run} (N={n}) {where}: pending (no seed-set noise measured yet)")
-            elif not v["comparable"]:
+            elif not v["comparable"] and not v.get("nearest"):
                 lines.append(f"- {run} (N={n}) {where}: not comparable (fidelity outside the ADM-G curve)")
+            elif not v["comparable"]:
+                near, f = v["nearest"], table[(run, n)]["mean"][fidelity_key(cfg, where)]
+                zs = ", ".join(f"{k} {z:+.1f}" for k, z in near["z"].items())
+                lines.append(f"- {run} (N={n}) {where}: not comparable (fidelity {f:.3f} outside the ADM-G curve's "
+                             f"{near['range'][0]:.3f}-{near['range'][1]:.3f}; descriptive, vs the nearest curve point "
+                             f"{near['run']} at {near['fidelity']:.3f}: {zs})")
             else:
                 zs = ", ".join(f"{k} {z:+.1f}" for k, z in v["z"].items())
                 lines.append(f"- {run} (N={n}) {where}: {'ABOVE' if v['above'] else 'not above'} ({zs})")
