@@ -77,8 +77,9 @@ def verdicts(plan: dict, table: dict, cfg: dict) -> dict[tuple[str, int], dict]:
     for (run, n), row in table.items():
         if row["info"]["method"] == curve_method:
             continue  # the curve itself is the reference, not a candidate
-        named = sorted(((k[0], v["mean"]) for k, v in table.items() if v["info"]["method"] == curve_method and k[1] == n),
-                       key=lambda kv: table[(kv[0], n)]["info"]["value"])
+        named = [(name, r["mean"]) for (name, size), r in sorted(
+            ((k, v) for k, v in table.items() if v["info"]["method"] == curve_method and k[1] == n),
+            key=lambda kv: kv[1]["info"]["value"])]  # the curve's points in the order of its scale
         curve = [mean for _, mean in named]
         sigma = seed_noise(table, headline_n, n, len(plan["setting"]["headline"]["seeds"]))
         result = {}
@@ -105,7 +106,7 @@ def nearest_curve_point(named: list, candidate: dict, fidelity: str, diversity: 
     (descriptive only; PROTOCOL.md's verdict stays "not comparable")."""
     f = candidate[fidelity]
     run, point = min(named, key=lambda kv: abs(kv[1][fidelity] - f))
-    return {"run": run, "fidelity": point[fidelity], "range": [min(p[fidelity] for _, p in named),
+    return {"run": run, "value": f, "fidelity": point[fidelity], "range": [min(p[fidelity] for _, p in named),
                                                                max(p[fidelity] for _, p in named)],
             "z": {d: (candidate[d] - point[d]) / sigma[d] for d in diversity if sigma.get(d)}}
 
@@ -184,12 +185,6 @@ def picks(plan: dict, table: dict, verdict: dict, flags: dict) -> dict[str, dict
     return best
 
 
-def fidelity_key(cfg: dict, where: str) -> str:
-    """The fidelity metric of a verdict key ``<space>/<axis>``."""
-    space, axis = where.split("/")
-    return cfg["accuracy"] if axis == "accuracy" else cfg["spaces"][space] + cfg["fid"]
-
-
 def _cell(row: dict, key: str) -> str:
     if key not in row["mean"]:
         return "-"
@@ -220,10 +215,11 @@ def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict 
             elif not v["comparable"] and not v.get("nearest"):
                 lines.append(f"- {run} (N={n}) {where}: not comparable (fidelity outside the ADM-G curve)")
             elif not v["comparable"]:
-                near, f = v["nearest"], table[(run, n)]["mean"][fidelity_key(cfg, where)]
+                near = v["nearest"]
                 zs = ", ".join(f"{k} {z:+.1f}" for k, z in near["z"].items())
-                lines.append(f"- {run} (N={n}) {where}: not comparable (fidelity {f:.3f} outside the ADM-G curve's "
-                             f"{near['range'][0]:.3f}-{near['range'][1]:.3f}; descriptive, vs the nearest curve point "
+                lines.append(f"- {run} (N={n}) {where}: not comparable (fidelity {near['value']:.3f} outside the "
+                             f"ADM-G curve's {near['range'][0]:.3f}-{near['range'][1]:.3f}; descriptive, vs the nearest "
+                             f"curve point "
                              f"{near['run']} at {near['fidelity']:.3f}: {zs})")
             else:
                 zs = ", ".join(f"{k} {z:+.1f}" for k, z in v["z"].items())
