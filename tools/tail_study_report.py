@@ -219,8 +219,7 @@ def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict 
                 zs = ", ".join(f"{k} {z:+.1f}" for k, z in near["z"].items())
                 lines.append(f"- {run} (N={n}) {where}: not comparable (fidelity {near['value']:.3f} outside the "
                              f"ADM-G curve's {near['range'][0]:.3f}-{near['range'][1]:.3f}; descriptive, vs the nearest "
-                             f"curve point "
-                             f"{near['run']} at {near['fidelity']:.3f}: {zs})")
+                             f"curve point {near['run']} at {near['fidelity']:.3f}: {zs})")
             else:
                 zs = ", ".join(f"{k} {z:+.1f}" for k, z in v["z"].items())
                 lines.append(f"- {run} (N={n}) {where}: {'ABOVE' if v['above'] else 'not above'} ({zs})")
