@@ -215,7 +215,7 @@ def _study(rows: dict) -> tuple[dict, dict, dict]:
 
 
 def test_the_pick_is_the_largest_mean_margin_among_comparable_unflagged_rows():
-    from tail_study_report import off_manifold, picks, verdicts
+    from tail_study_report import off_manifold, picks, ranking, verdicts
 
     plan, table, cfg = _study({
         "tail_target@1": ("tail_target", 0.9, 0.83, 0.0),     # curve at 0.9: recall 0.8 -> +0.03
@@ -229,6 +229,9 @@ def test_the_pick_is_the_largest_mean_margin_among_comparable_unflagged_rows():
     sigma = 0.01 * (5000 / 2000) ** 0.5
     assert chosen["tail"]["run"] == "tail_target@1" and abs(chosen["tail"]["mean_z"] - 0.03 / sigma) < 1e-9
     assert chosen["competitor"]["run"] == "interval@2" and abs(chosen["competitor"]["mean_z"] - 0.05 / sigma) < 1e-9
+    ranked = ranking(plan, table, verdicts(plan, table, cfg), flags)  # the pick heads its group's ranking
+    assert [r["run"] for r in ranked["competitor"]] == ["interval@2", "cads@1"]
+    assert [r["run"] for r in ranked["tail"]] == ["tail_target@1"] and ranked["tail"][0] == chosen["tail"]
 
 
 def test_no_pick_before_the_seed_set_noise_exists():

@@ -159,24 +159,30 @@ def off_manifold(plan: dict, table: dict, cfg: dict) -> dict[tuple[str, int], li
     return flags
 
 
-def picks(plan: dict, table: dict, verdict: dict, flags: dict) -> dict[str, dict]:
-    """PROTOCOL.md "Choosing the shipped configurations": per group (``tail``: the plan's ``tail_methods``;
-    ``competitor``: every other non-curve method), the grid row with the largest mean z over the four diversity
-    metrics on the class-accuracy axis in judge features, among rows whose accuracy lies within the ADM-G curve's
-    range and which are not flagged off-manifold. ``{group: {"run", "n", "mean_z"}}``; a group is missing while
-    no row qualifies (e.g. before the seed-set noise exists). ``adm_g``: the curve's guided scale (s > 0) with the
-    lowest domain FID at the grid's N (``configs/fashion/adm_g.yaml``), ``{"run", "n", "fid"}``."""
+def ranking(plan: dict, table: dict, verdict: dict, flags: dict) -> dict[str, list[dict]]:
+    """Per group (``tail``: the plan's ``tail_methods``; ``competitor``: every other non-curve method) the grid rows
+    by mean z over the four diversity metrics on the class-accuracy axis in judge features, largest first, among
+    rows whose accuracy lies within the ADM-G curve's range and which are not flagged off-manifold: each
+    ``{"run", "n", "mean_z"}``. Its head is the pick; its top two are the contenders (PROTOCOL.md, session 9)."""
     tail = set(plan.get("tail_methods", []))
     grid_n = plan["setting"]["grid"]["num_samples"]
-    best: dict[str, dict] = {}
+    ranked: dict[str, list[dict]] = {}
     for (run, n), result in verdict.items():
         v = result.get("judge/accuracy") or {}
         if n != grid_n or not v.get("comparable") or flags.get((run, n)):
             continue
         group = "tail" if table[(run, n)]["info"]["method"] in tail else "competitor"
-        mean_z = float(np.mean(list(v["z"].values())))
-        if group not in best or mean_z > best[group]["mean_z"]:
-            best[group] = {"run": run, "n": n, "mean_z": mean_z}
+        ranked.setdefault(group, []).append({"run": run, "n": n, "mean_z": float(np.mean(list(v["z"].values())))})
+    return {group: sorted(rows, key=lambda r: -r["mean_z"]) for group, rows in ranked.items()}
+
+
+def picks(plan: dict, table: dict, verdict: dict, flags: dict) -> dict[str, dict]:
+    """PROTOCOL.md "Choosing the shipped configurations": per group the head of :func:`ranking`
+    (``{group: {"run", "n", "mean_z"}}``; a group is missing while no row qualifies, e.g. before the seed-set noise
+    exists). ``adm_g``: the curve's guided scale (s > 0) with the lowest domain FID at the grid's N
+    (``configs/fashion/adm_g.yaml``), ``{"run", "n", "fid"}``."""
+    grid_n = plan["setting"]["grid"]["num_samples"]
+    best = {group: rows[0] for group, rows in ranking(plan, table, verdict, flags).items()}
     scales = [(row["mean"]["fid"], run) for (run, n), row in table.items() if n == grid_n and "fid" in row["mean"]
               and row["info"]["method"] == plan["curve"] and row["info"]["value"]]  # s = 0 is no guidance
     if scales:
@@ -194,7 +200,7 @@ def _cell(row: dict, key: str) -> str:
 
 def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict | None = None,
                  chosen: dict | None = None, differences: list[dict] | None = None,
-                 noise: dict[int, dict[str, float]] | None = None) -> None:
+                 noise: dict[int, dict[str, float]] | None = None, ranked: dict | None = None) -> None:
     keys = metric_keys(cfg)
     with open(docs / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -232,6 +238,9 @@ def write_tables(table: dict, verdict: dict, cfg: dict, docs: Path, flags: dict 
         c = (chosen or {}).get(group)
         lines.append(f"- best {group}: " + (f"{c['run']} (N={c['n']}, mean z {c['mean_z']:+.2f})" if c
                                              else "none yet (no comparable row with seed-set noise)"))
+    for group, rows in (ranked or {}).items():
+        lines.append(f"- {group} ranking (the top two are the contenders, PROTOCOL.md session 9): "
+                     + ", ".join(f"{r['run']} {r['mean_z']:+.2f}" for r in rows[:5]))
     if c := (chosen or {}).get("adm_g"):
         lines.append(f"- ADM-G scale with the lowest domain FID at N={c['n']} (configs/fashion/adm_g.yaml): {c['run']} "
                      f"(FID {c['fid']:.3f})")
@@ -407,7 +416,8 @@ def report(plan: dict, records: Path, docs: Path, out: Path, readme: Path | None
     headline = plan["setting"]["headline"]
     noise = {n: seed_noise(table, headline["num_samples"], n, len(headline["seeds"]))
              for n in sorted({n for _, n in table})}
-    write_tables(table, verdict, cfg, docs, flags, chosen, headline_differences(plan, table, cfg), noise)
+    write_tables(table, verdict, cfg, docs, flags, chosen, headline_differences(plan, table, cfg), noise,
+                 ranking(plan, table, verdict, flags))
     selection = {group: {**c, "guidances": plan["_runs"][c["run"]]["guidances"]} for group, c in chosen.items()
                  if c["run"] in plan.get("_runs", {})}
     (docs / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")  # tests: tail.yaml == the tail pick
