@@ -104,10 +104,9 @@ def nearest_curve_point(named: list, candidate: dict, fidelity: str, diversity: 
     """For a candidate outside the curve's fidelity range (no verdict by the rule): the curve point with the closest
     fidelity, the range, and z = (D(C) - D(point)) / sigma, so that "not comparable" still says where it stands
     (descriptive only; PROTOCOL.md's verdict stays "not comparable")."""
-    f = candidate[fidelity]
+    f, values = candidate[fidelity], [p[fidelity] for _, p in named]
     run, point = min(named, key=lambda kv: abs(kv[1][fidelity] - f))
-    return {"run": run, "value": f, "fidelity": point[fidelity], "range": [min(p[fidelity] for _, p in named),
-                                                               max(p[fidelity] for _, p in named)],
+    return {"run": run, "value": f, "fidelity": point[fidelity], "range": [min(values), max(values)],
             "z": {d: (candidate[d] - point[d]) / sigma[d] for d in diversity if sigma.get(d)}}
 
 
