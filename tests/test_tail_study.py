@@ -168,7 +168,7 @@ def test_deadline_is_the_next_such_time_across_midnight():
     assert dt.datetime.fromtimestamp(tail_study.parse_deadline("00:40", evening)) == dt.datetime(2026, 12, 2, 0, 40)
     assert dt.datetime.fromtimestamp(tail_study.parse_deadline("23:05", evening)) == dt.datetime(2026, 12, 1, 23, 5)
     for bad in ("24:00", "7pm", "12:5", "+90", "+-5m", "90m"):
-        with pytest.raises(SystemExit, match=r"HH:MM.*\+Nm"):
+        with pytest.raises(SystemExit, match=r"HH:MM.*\+Nm.*YYYY-MM-DDTHH:MM"):
             tail_study.parse_deadline(bad, evening)
 
 
@@ -177,6 +177,18 @@ def test_deadline_as_a_duration_from_now():
     assert tail_study.parse_deadline("+90m", now) == now + 5400
     assert tail_study.parse_deadline("+1.5h", now) == now + 5400
     assert tail_study.parse_deadline(" +0m ", now) == now
+
+
+def test_deadline_as_a_date_and_time_never_moves_to_tomorrow():
+    import datetime as dt
+
+    evening = dt.datetime(2026, 12, 1, 22, 10).timestamp()
+    passed = tail_study.parse_deadline("2026-12-01T21:00", evening)
+    assert dt.datetime.fromtimestamp(passed) == dt.datetime(2026, 12, 1, 21, 0)  # "21:00" would be tomorrow's
+    assert passed < evening
+    for bad in ("2026-13-01T21:00", "2026-12-01 21:00", "2026-12-01T25:00"):
+        with pytest.raises(SystemExit, match=r"YYYY-MM-DDTHH:MM"):
+            tail_study.parse_deadline(bad, evening)
 
 
 def test_seed_noise_needs_every_headline_seed_set():

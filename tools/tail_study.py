@@ -2,7 +2,7 @@
 
     python tools/tail_study.py run    [--plan configs/study/fashion_tail.yaml] [--out runs/tail_study]
                                       [--stage grid|headline] [--only RUN ...] [--wandb] [--dry-run]
-                                      [--deadline HH:MM|+Nm]    # or `touch runs/tail_study/STOP`
+                                      [--deadline HH:MM|+Nm|DATE]  # or `touch runs/tail_study/STOP`
     python tools/tail_study.py list   [--plan ...]                      # the expanded runs and their flags
     python tools/tail_study.py report [--plan ...]   # <docs>/model_<sha>/: tables, verdicts, plots; README's table
 
@@ -326,7 +326,8 @@ def main(argv=None) -> None:
     ap.add_argument("--wandb", action="store_true", help="log every test run to W&B (offline)")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--deadline", help="HH:MM: start no unit after the next such local time, midnight crossed if "
-                    "needed; or +Nm / +Nh from now (a running unit finishes; the resolved time is printed)")
+                    "needed; +Nm / +Nh from now; or a local date and time YYYY-MM-DDTHH:MM, which never moves to "
+                    "tomorrow (for chained scripts); a running unit finishes; the resolved time is printed")
     args = ap.parse_args(argv)
     deadline = parse_deadline(args.deadline) if args.deadline else None
     plan = load_plan(args.plan)
@@ -364,17 +365,23 @@ def main(argv=None) -> None:
 
 def parse_deadline(text: str, now: float | None = None) -> float:
     """``HH:MM`` -> the epoch time of its next occurrence after ``now`` (local time; "00:40" at 22:10 is tomorrow's);
-    ``+90m`` / ``+2h`` -> ``now`` plus that duration (no ambiguity about which day)."""
+    ``+90m`` / ``+2h`` -> ``now`` plus that duration; ``2026-12-02T22:20`` -> that local time, even when it has
+    passed (a script that chains several study commands computes one deadline and passes it to each)."""
     import datetime as dt
 
     now = time.time() if now is None else now
     text = text.strip()
     if duration := re.fullmatch(r"\+(\d+(?:\.\d+)?)([mh])", text):
         return now + float(duration[1]) * (60 if duration[2] == "m" else 3600)
+    if re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d", text):
+        try:
+            return dt.datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            pass  # e.g. month 13: the error below
     match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text)
     if not match:
-        raise SystemExit(f"tail_study: --deadline {text!r} is neither a time HH:MM (00:00-23:59) nor a duration +Nm / "
-                         "+Nh; e.g. --deadline 00:40 or --deadline +90m")
+        raise SystemExit(f"tail_study: --deadline {text!r} is neither a time HH:MM (00:00-23:59), a duration +Nm / "
+                         "+Nh nor a date and time YYYY-MM-DDTHH:MM; e.g. --deadline 00:40, +90m or 2026-12-02T22:20")
     start = dt.datetime.fromtimestamp(now)
     at = start.replace(hour=int(match[1]), minute=int(match[2]), second=0, microsecond=0)
     if at <= start:
